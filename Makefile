@@ -1,0 +1,81 @@
+# Front door: `make run-mesh` runs the demo, `make test` runs the tests.
+# Both create the virtualenv and install pinned dependencies on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
+PROTO_FILES := $(wildcard protos/orchestrator/v1/*.proto)
+GEN_DIR := services
+
+.PHONY: help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps
+
+help:
+	@echo "make run-mesh     start the five stages, send 10 demo requests, stop (exit 0)"
+	@echo "make mesh         start the five stages and keep them in the foreground (Ctrl-C stops)"
+	@echo "make test         lint, proto checks and the whole test suite"
+	@echo "make test-quick   unit and in-process tests only"
+	@echo "make protos       regenerate services/orchestrator/v1 from protos/"
+	@echo "make check-protos fail if the committed generated code drifted"
+	@echo "make lint         ruff + mypy"
+	@echo "make validate     check pipeline.toml (and ORCH_* overrides)"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --silent --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
+
+# The one pinned command that produces the generated code (grpcio-tools is pinned in constraints.txt).
+protos: $(STAMP)
+	rm -rf $(GEN_DIR)/orchestrator/v1
+	mkdir -p $(GEN_DIR)/orchestrator/v1
+	$(PY) -m grpc_tools.protoc -I protos \
+		--python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) $(PROTO_FILES)
+	printf '"""Generated protobuf and gRPC code (make protos); do not edit."""\n' > $(GEN_DIR)/orchestrator/v1/__init__.py
+
+check-protos: protos
+	@git diff --exit-code --stat -- $(GEN_DIR)/orchestrator/v1 \
+		|| (echo "generated code drifted from protos/: run 'make protos' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- $(GEN_DIR)/orchestrator/v1)" \
+		|| (echo "untracked generated files: run 'make protos' and commit" >&2; git status --short -- $(GEN_DIR)/orchestrator/v1; exit 1)
+
+buf-lint: $(STAMP)
+	BUF_CACHE_DIR=$${BUF_CACHE_DIR:-$$(mktemp -d)} $(BIN)/buf lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) $(NODE_STAMP) check-protos buf-lint lint
+	$(BIN)/pytest
+
+test-quick: $(STAMP)
+	$(BIN)/pytest -m "not mesh and not peer"
+
+run-mesh: $(STAMP)
+	$(BIN)/orchestrator demo
+
+mesh: $(STAMP)
+	$(BIN)/orchestrator up
+
+validate: $(STAMP)
+	$(BIN)/orchestrator validate
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""Async and sync clients of the StreamService edge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from orchestrator.v1 import stages_pb2_grpc, types_pb2
+from orchestrator_client._errors import OrchestratorRpcError
+
+
+def build_request(
+    input: str,
+    *,
+    session: str,
+    max_tokens: int = 0,
+    stop: Sequence[str] = (),
+    temperature: float = 0.0,
+    meta: Mapping[str, str] | None = None,
+    request_id: str = "",
+) -> types_pb2.PromptRequest:
+    """A PromptRequest; ``max_tokens=0`` takes the server's default."""
+    return types_pb2.PromptRequest(
+        request_id=request_id,
+        session=types_pb2.SessionId(id=session),
+        input=input,
+        meta=dict(meta or {}),
+        params=types_pb2.GenerationParams(max_tokens=max_tokens, stop=list(stop), temperature=temperature),
+    )
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """A whole completion: the joined text and the final chunk's completion info."""
+
+    request_id: str
+    text: str
+    chunks: int
+    completion: types_pb2.Completion
+
+
+def _collect(chunks: list[types_pb2.StreamChunk]) -> CompletionResult:
+    if not chunks or not chunks[-1].HasField("completion"):
+        raise OrchestratorRpcError(grpc.StatusCode.INTERNAL, "stream ended without a final chunk")
+    return CompletionResult(
+        request_id=chunks[-1].request_id,
+        text="".join(c.text for c in chunks),
+        chunks=len(chunks),
+        completion=chunks[-1].completion,
+    )
+
+
+class AsyncOrchestratorClient:
+    """grpc.aio client of the mesh's edge (the Stream stage)."""
+
+    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncOrchestratorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit_request(
+        self, request: types_pb2.PromptRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[types_pb2.StreamChunk]:
+        """Stream the chunks of one request. Leaving the loop early cancels the request in the mesh."""
+        call = self._stub.Submit(request, timeout=timeout)
+        try:
+            while True:
+                chunk = await call.read()
+                if chunk is grpc.aio.EOF:
+                    return
+                yield chunk
+        except grpc.aio.AioRpcError as err:
+            raise OrchestratorRpcError.from_call_error(err) from None
+        finally:
+            call.cancel()
+
+    def submit(
+        self, input: str, *, session: str, timeout: float | None = None, **params: Any
+    ) -> AsyncIterator[types_pb2.StreamChunk]:
+        """Stream the answer to ``input``; ``params`` are those of :func:`build_request`."""
+        return self.submit_request(build_request(input, session=session, **params), timeout=timeout)
+
+    async def complete(
+        self, input: str, *, session: str, timeout: float | None = None, **params: Any
+    ) -> CompletionResult:
+        """The whole answer at once."""
+        return _collect([c async for c in self.submit(input, session=session, timeout=timeout, **params)])
+
+
+class OrchestratorClient:
+    """Blocking client of the mesh's edge, for scripts and notebooks."""
+
+    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
+
+    def __enter__(self) -> OrchestratorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit_request(
+        self, request: types_pb2.PromptRequest, *, timeout: float | None = None
+    ) -> Iterator[types_pb2.StreamChunk]:
+        call = self._stub.Submit(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise OrchestratorRpcError.from_call_error(err) from None
+        finally:
+            call.cancel()
+
+    def submit(
+        self, input: str, *, session: str, timeout: float | None = None, **params: Any
+    ) -> Iterator[types_pb2.StreamChunk]:
+        return self.submit_request(build_request(input, session=session, **params), timeout=timeout)
+
+    def complete(self, input: str, *, session: str, timeout: float | None = None, **params: Any) -> CompletionResult:
+        return _collect(list(self.submit(input, session=session, timeout=timeout, **params)))

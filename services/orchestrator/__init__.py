@@ -1,0 +1,1 @@
+"""prompt-orchestrator: a gRPC mesh for LLM prompt pipelines."""

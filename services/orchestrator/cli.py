@@ -1,0 +1,131 @@
+"""``orchestrator``: run the mesh, the demo, a single stage, or check the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.config import STAGES, ConfigError, describe_settings, load_config
+from orchestrator.launcher import LaunchError, start_mesh
+
+DEFAULT_CONFIG = "pipeline.toml"
+
+
+def _config_path(arg: str | None) -> str | None:
+    """--config, else $ORCH_CONFIG (load_config reads it), else ./pipeline.toml when present."""
+    if arg:
+        return arg
+    if os.environ.get("ORCH_CONFIG"):
+        return None
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"configuration OK ({path or 'built-in defaults'}, with ORCH_* overrides)")
+    for name in STAGES:
+        st = cfg.stage(name)
+        print(
+            f"  {name:<9} listen {st.host}:{st.port:<5}  reached at {','.join(st.addresses())}  "
+            f"queue {st.queue_capacity}  concurrency {st.concurrency}"
+        )
+    print(f"  worker: {cfg.inference.worker.kind}")
+    return 0
+
+
+def _up(args: argparse.Namespace, demo: bool) -> int:
+    path = _config_path(args.config)
+    try:
+        load_config(path)  # report config problems once, here, rather than from five processes
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-mesh-"))
+    print(f"starting rag, assemble, inference, post, stream (logs: {run_dir})", flush=True)
+    try:
+        mesh = start_mesh(run_dir, config=path, log_to_files=demo or not args.foreground_logs)
+    except (LaunchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for name in STAGES:
+            print(f"  {name:<9} {mesh.address(name)}  pid {mesh.stages[name].popen.pid}", flush=True)
+        if demo:
+            from orchestrator.demo import run_demo
+
+            counts = asyncio.run(run_demo(mesh.entry, sys.stdout))
+            ok = counts["completed"] == sum(counts.values())
+        else:
+            print(f"\nmesh is up; entry (Stream stage): {mesh.entry}", flush=True)
+            print(f'try: orchestrator-client submit --target {mesh.entry} "What is backpressure?"', flush=True)
+            print("Ctrl-C stops all five stages.", flush=True)
+            _wait_for_signal()
+            ok = True
+    finally:
+        codes = mesh.stop()
+        bad = {name: code for name, code in codes.items() if code != 0}
+        print(f"stopped all five stages{'' if not bad else f' (non-zero exits: {bad})'}", flush=True)
+    return 0 if ok and not bad else 1
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _run_stage(module: object, argv: list[str]) -> int:
+    from orchestrator.runtime.server import run_stage_main
+
+    return run_stage_main(module.NAME, module.build, argv)  # type: ignore[attr-defined]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help in (
+        ("demo", "start the mesh, send 10 demo requests, print answers and a summary, stop"),
+        ("up", "start the mesh and keep it in the foreground until Ctrl-C"),
+        ("validate", "check the configuration and print the resolved stage layout"),
+    ):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", help=f"pipeline TOML (default: $ORCH_CONFIG, else ./{DEFAULT_CONFIG} if present)")
+        if name == "up":
+            p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
+    sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
+    p = sub.add_parser("stage", help="run one stage in this process")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--config")
+    p.add_argument("--ready-file")
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "config":
+        print(describe_settings())
+        return 0
+    if args.command == "stage":
+        return _run_stage(importlib.import_module(f"orchestrator.stages.{args.name}"), _stage_argv(args))
+    return _up(args, demo=args.command == "demo")
+
+
+def _stage_argv(args: argparse.Namespace) -> list[str]:
+    out = ["--config", args.config] if args.config else []
+    return out + (["--ready-file", args.ready_file] if args.ready_file else [])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

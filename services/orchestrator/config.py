@@ -1,0 +1,359 @@
+"""Typed mesh configuration: one TOML file, every field overridable by an ``ORCH_*`` environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "ORCH"
+CONFIG_ENV = "ORCH_CONFIG"
+STAGES = ("rag", "assemble", "inference", "post", "stream")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A config field with its documentation (shown by ``orchestrator config``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Settings every stage has."""
+
+    host: str = _f("127.0.0.1", "interface the stage binds")
+    port: int = _f(0, "port the stage binds (0 picks a free one)")
+    replicas: tuple[str, ...] = _f((), "host:port of each replica other stages call (default: host:port)")
+    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(64, "requests processed at once")
+
+    def addresses(self) -> tuple[str, ...]:
+        """Where callers reach this stage."""
+        if self.replicas:
+            return self.replicas
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return (f"{host}:{self.port}",)
+
+    def problems(self, name: str) -> list[str]:
+        out = []
+        if not 0 <= self.port <= 65535:
+            out.append(f"{name}.port must be in 0..65535, got {self.port}")
+        if self.queue_capacity < 0:
+            out.append(f"{name}.queue_capacity must be >= 0, got {self.queue_capacity}")
+        if self.concurrency < 1:
+            out.append(f"{name}.concurrency must be >= 1, got {self.concurrency}")
+        for replica in self.replicas:
+            host, sep, port = replica.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                out.append(f"{name}.replicas entry {replica!r} is not host:port")
+        return out
+
+
+@dataclass(frozen=True)
+class RagConfig(StageConfig):
+    port: int = _f(50051, "port the stage binds (0 picks a free one)")
+    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(32, "requests processed at once")
+    top_k: int = _f(3, "documents retrieved per request")
+    documents: str = _f("", "JSON Lines corpus (id, title, text); empty: the bundled one")
+    simulated_delay_ms: float = _f(0.0, "extra delay per retrieval, for benchmarks")
+
+    def problems(self, name: str) -> list[str]:
+        out = super().problems(name)
+        if self.top_k < 0:
+            out.append(f"{name}.top_k must be >= 0, got {self.top_k}")
+        if self.simulated_delay_ms < 0:
+            out.append(f"{name}.simulated_delay_ms must be >= 0")
+        if self.documents and not Path(self.documents).is_file():
+            out.append(f"{name}.documents: no such file {self.documents!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class AssembleConfig(StageConfig):
+    port: int = _f(50052, "port the stage binds (0 picks a free one)")
+    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(64, "requests processed at once")
+    max_prompt_chars: int = _f(8192, "longest prompt; context documents are dropped to fit")
+
+    def problems(self, name: str) -> list[str]:
+        out = super().problems(name)
+        if self.max_prompt_chars < 1:
+            out.append(f"{name}.max_prompt_chars must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """The deterministic echo worker: streams the prompt back word by word."""
+
+    ttft_ms: float = _f(0.0, "delay before the first token")
+    token_delay_ms: float = _f(0.0, "delay before each further token")
+    gate_file: str = _f("", "if set, generation waits until this file exists (tests, demos)")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    kind: str = _f("echo", "model worker: echo")
+    echo: EchoConfig = field(default_factory=EchoConfig)
+
+
+@dataclass(frozen=True)
+class InferenceConfig(StageConfig):
+    port: int = _f(50053, "port the stage binds (0 picks a free one)")
+    queue_capacity: int = _f(1024, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(64, "generations at once: the model worker's concurrency limit")
+    coalesce_tokens: int = _f(8, "tokens per message at most (1 disables coalescing)")
+    coalesce_ms: float = _f(5.0, "longest a token waits for others to join its message")
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def problems(self, name: str) -> list[str]:
+        out = super().problems(name)
+        if self.coalesce_tokens < 1:
+            out.append(f"{name}.coalesce_tokens must be >= 1")
+        if self.coalesce_ms < 0:
+            out.append(f"{name}.coalesce_ms must be >= 0")
+        if self.worker.kind not in WORKER_KINDS:
+            out.append(f"{name}.worker.kind {self.worker.kind!r} is not one of {', '.join(WORKER_KINDS)}")
+        return out
+
+
+@dataclass(frozen=True)
+class PostConfig(StageConfig):
+    port: int = _f(50054, "port the stage binds (0 picks a free one)")
+    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(1024, "streams relayed at once")
+
+
+@dataclass(frozen=True)
+class StreamConfig(StageConfig):
+    port: int = _f(50055, "port the stage binds (0 picks a free one)")
+    queue_capacity: int = _f(256, "requests that may wait for a slot; one more is shed")
+    concurrency: int = _f(1024, "client streams served at once")
+    log_sink: bool = _f(False, "also log each completion as 'session: text' (user data: off by default)")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request validation, applied by every stage."""
+
+    max_input_chars: int = _f(16384, "longest input accepted")
+    default_max_tokens: int = _f(256, "max_tokens when a request leaves it 0")
+    max_tokens_limit: int = _f(4096, "largest max_tokens accepted")
+    max_stop_sequences: int = _f(4, "stop sequences per request")
+    max_stop_chars: int = _f(64, "length of one stop sequence")
+    max_session_chars: int = _f(256, "length of a session id")
+    max_meta_entries: int = _f(32, "metadata entries per request")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    drain_grace_s: float = _f(10.0, "on SIGTERM, how long in-flight streams may finish")
+    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        cfg = getattr(self, name)
+        assert isinstance(cfg, StageConfig)
+        return cfg
+
+    def problems(self) -> list[str]:
+        out = [p for name in STAGES for p in self.stage(name).problems(name)]
+        if self.server.drain_grace_s < 0:
+            out.append("server.drain_grace_s must be >= 0")
+        if self.server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            out.append(f"server.log_level {self.server.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        lim = self.limits
+        for f in dataclasses.fields(lim):
+            if getattr(lim, f.name) < 0:
+                out.append(f"limits.{f.name} must be >= 0")
+        if lim.default_max_tokens > lim.max_tokens_limit:
+            out.append("limits.default_max_tokens must be <= limits.max_tokens_limit")
+        return out
+
+
+WORKER_KINDS = ("echo",)
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file and its overrides, reported at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of the config tree, for docs and env overrides."""
+
+    path: tuple[str, ...]
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "_".join((ENV_PREFIX, *self.path)).upper()
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def settings(cls: type = MeshConfig, prefix: tuple[str, ...] = ()) -> Iterator[Setting]:
+    """Every leaf setting of ``cls`` in declaration order."""
+    hints = _hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_config(tp):
+            yield from settings(tp, (*prefix, f.name))
+        else:
+            yield Setting((*prefix, f.name), tp, getattr(default, f.name), f.metadata.get("help", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check a TOML value (or parse an env string) against the field's type."""
+    origin = typing.get_origin(tp)
+    if origin is tuple or tp is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            problems.append(f"{where}: expected a list of strings, got {value!r}")
+            return None
+        return tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        problems.append(f"{where}: expected true or false, got {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], path: tuple[str, ...],
+           source: str, problems: list[str]) -> T:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{source}: unknown key {'.'.join((*path, key))!r}{hint}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        tp = hints[name]
+        sub_path = (*path, name)
+        if _is_config(tp):
+            sub = data.get(name, {})
+            if not isinstance(sub, dict):
+                problems.append(f"{source}: {'.'.join(sub_path)} must be a table")
+                sub = {}
+            kwargs[name] = _build(tp, sub, env, sub_path, source, problems)
+            continue
+        env_name = "_".join((ENV_PREFIX, *sub_path)).upper()
+        if env_name in env:
+            value = _coerce(env[env_name], tp, env_name, problems)
+        elif name in data:
+            value = _coerce(data[name], tp, f"{source}: {'.'.join(sub_path)}", problems)
+        else:
+            continue
+        if value is not None:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
+    """Load the config once, at the edge of a process: file (if any), then ``ORCH_*`` overrides.
+
+    ``path`` defaults to ``$ORCH_CONFIG``; with neither, built-in defaults apply.
+    Raises ConfigError listing every problem.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    source = "environment"
+    problems: list[str] = []
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such file"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    known = {s.env for s in settings()} | {CONFIG_ENV}
+    for name in env:
+        if name.startswith(ENV_PREFIX + "_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"environment: unknown variable {name}{hint}")
+    cfg = _build(MeshConfig, data, env, (), source, problems)
+    problems.extend(cfg.problems())
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def describe_settings() -> str:
+    """A Markdown table of every setting: TOML key, environment variable, default, meaning."""
+    rows = ["| key | environment variable | default | meaning |", "|---|---|---|---|"]
+    for s in settings():
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        default = str(default).lower() if isinstance(default, bool) else default
+        rows.append(f"| `{s.key}` | `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)
+

@@ -1,0 +1,172 @@
+"""Start the five stages as processes on one machine, wait until they serve, stop them cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator.config import STAGES
+
+_POLL_S = 0.02
+# Which stage each stage calls: started in this order, each learns its callee's address.
+CALLEE = {"assemble": "rag", "inference": "assemble", "post": "inference", "stream": "post"}
+
+
+class LaunchError(RuntimeError):
+    """A stage did not come up; the message includes the end of its log."""
+
+
+@dataclass
+class StageProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    address: str
+    log_path: Path | None
+    env: dict[str, str]
+    config: str | None
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+def _tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_healthy(address: str, timeout_s: float) -> None:
+    """Poll grpc.health.v1 until the server at ``address`` reports SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{address} did not report SERVING within {timeout_s:.0f}s")
+            time.sleep(_POLL_S)
+
+
+@dataclass
+class Mesh:
+    """Five running stage processes; ``entry`` is the address clients call."""
+
+    run_dir: Path
+    stages: dict[str, StageProcess] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> str:
+        return self.stages["stream"].address
+
+    def address(self, stage: str) -> str:
+        return self.stages[stage].address
+
+    def spawn(self, name: str, env: Mapping[str, str], config: str | None, log_to_files: bool) -> StageProcess:
+        ready = self.run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", f"orchestrator.stages.{name}", "--ready-file", str(ready)]
+        if config:
+            argv += ["--config", config]
+        log_path = self.run_dir / f"{name}.log" if log_to_files else None
+        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+        try:
+            popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
+        finally:
+            if stderr is not None:
+                stderr.close()
+        proc = StageProcess(name, popen, "", log_path, dict(env), config)
+        self.stages[name] = proc
+        return proc
+
+    def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
+        ready = self.run_dir / f"{proc.name}.ready"
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if proc.popen.poll() is not None:
+                raise LaunchError(
+                    f"{proc.name} stage exited with code {proc.popen.returncode} before serving\n{_tail(proc.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{proc.name} stage did not start within {timeout_s:.0f}s\n{_tail(proc.log_path)}")
+            time.sleep(_POLL_S)
+        proc.address = json.loads(ready.read_text())["address"]
+        wait_healthy(proc.address, max(1.0, deadline - time.monotonic()))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one stage (tests of failure handling)."""
+        proc = self.stages[name]
+        proc.popen.kill()
+        proc.popen.wait()
+
+    def restart(self, name: str, timeout_s: float = 30.0) -> None:
+        """Start a stopped stage again on the same port, with the same settings."""
+        old = self.stages[name]
+        if old.popen.poll() is None:
+            raise LaunchError(f"{name} stage is still running")
+        env = dict(old.env)
+        env[f"ORCH_{name.upper()}_PORT"] = str(old.port)
+        proc = self.spawn(name, env, old.config, old.log_path is not None)
+        self.wait_ready(proc, timeout_s)
+
+    def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
+        """SIGTERM every stage, edge first so no new work flows down; SIGKILL what outlives the timeout."""
+        for name in reversed(STAGES):
+            proc = self.stages.get(name)
+            if proc is not None and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        codes = {}
+        for name, proc in self.stages.items():
+            try:
+                codes[name] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                codes[name] = proc.popen.wait()
+        return codes
+
+
+def start_mesh(
+    run_dir: Path,
+    *,
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+    log_to_files: bool = True,
+    timeout_s: float = 30.0,
+) -> Mesh:
+    """Start RAG, Assemble, Inference, Post and Stream in that order.
+
+    Each stage binds the port its config gives (0: any free port, reported through a
+    ready file) and is told where its callee listens through ``ORCH_<CALLEE>_REPLICAS``.
+    On any failure, the stages already started are stopped before raising.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_env = dict(os.environ if env is None else env)
+    mesh = Mesh(run_dir)
+    try:
+        for name in STAGES:
+            stage_env = dict(base_env)
+            callee = CALLEE.get(name)
+            if callee is not None:
+                stage_env[f"ORCH_{callee.upper()}_REPLICAS"] = mesh.address(callee)
+            proc = mesh.spawn(name, stage_env, config, log_to_files)
+            mesh.wait_ready(proc, timeout_s)
+    except BaseException:
+        mesh.stop(timeout_s=5.0)
+        raise
+    return mesh

@@ -1,0 +1,1 @@
+"""Stage logic as async generators over typed messages, independent of gRPC."""

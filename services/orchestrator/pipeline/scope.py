@@ -1,0 +1,26 @@
+"""Per-request, per-stage bookkeeping handed to stage logic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.v1 import types_pb2
+
+
+@dataclass
+class Scope:
+    """What a stage knows about the request it is working on."""
+
+    stage: str
+    request_id: str
+    queue_s: float = 0.0
+    admitted_at: float = field(default_factory=time.perf_counter)
+
+    def timing(self) -> types_pb2.StageTiming:
+        """This stage's timing so far."""
+        return types_pb2.StageTiming(
+            stage=self.stage,
+            queue_ms=self.queue_s * 1000,
+            duration_ms=(time.perf_counter() - self.admitted_at) * 1000,
+        )

@@ -1,0 +1,52 @@
+"""Validation of incoming PromptRequests, the same at every stage."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from orchestrator.config import LimitsConfig
+from orchestrator.errors import InvalidRequest
+from orchestrator.v1 import types_pb2
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def normalize_request(request: types_pb2.PromptRequest, limits: LimitsConfig) -> None:
+    """Reject a bad request with a clear message; fill in the request id and default max_tokens.
+
+    Mutates ``request`` so that every stage downstream sees the same id and limits.
+    """
+    session = request.session.id if request.HasField("session") else ""
+    if not session.strip():
+        raise InvalidRequest("session.id is required")
+    if len(session) > limits.max_session_chars:
+        raise InvalidRequest(f"session.id is {len(session)} characters; the limit is {limits.max_session_chars}")
+    if not request.input.strip():
+        raise InvalidRequest("input is empty")
+    if len(request.input) > limits.max_input_chars:
+        raise InvalidRequest(f"input is {len(request.input)} characters; the limit is {limits.max_input_chars}")
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.meta) > limits.max_meta_entries:
+        raise InvalidRequest(f"meta has {len(request.meta)} entries; the limit is {limits.max_meta_entries}")
+    params = request.params
+    if params.max_tokens > limits.max_tokens_limit:
+        raise InvalidRequest(
+            f"params.max_tokens is {params.max_tokens}; the limit is {limits.max_tokens_limit}"
+        )
+    if len(params.stop) > limits.max_stop_sequences:
+        raise InvalidRequest(
+            f"params.stop has {len(params.stop)} sequences; the limit is {limits.max_stop_sequences}"
+        )
+    for i, stop in enumerate(params.stop):
+        if not stop:
+            raise InvalidRequest(f"params.stop[{i}] is empty")
+        if len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(f"params.stop[{i}] is longer than {limits.max_stop_chars} characters")
+    if not math.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
+        raise InvalidRequest(f"params.temperature must be within [0, 2], got {params.temperature}")
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    if params.max_tokens == 0:
+        params.max_tokens = limits.default_max_tokens

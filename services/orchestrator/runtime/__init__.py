@@ -1,0 +1,1 @@
+"""The shared stage runtime: server bootstrap, admission, downstream calls, telemetry hooks."""

@@ -1,0 +1,92 @@
+"""Calls to the next stage down the chain: replica choice, deadline propagation, explicit cancellation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from orchestrator.affinity import rendezvous_order
+from orchestrator.errors import DeadlineExceeded, from_rpc_error
+from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.v1 import types_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Reconnect quickly after a stage restarts instead of gRPC's default backoff of up to two minutes.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30000),
+    ("grpc.keepalive_timeout_ms", 10000),
+)
+
+
+class Downstream(Generic[T]):
+    """A server-streaming method of the next stage, on one channel per replica.
+
+    The replica is chosen by rendezvous hashing of the session id; a replica that is
+    unreachable before it sent anything is skipped for the next. The caller's
+    remaining deadline goes with every call, and the call is cancelled explicitly as
+    soon as the caller's RPC ends, whatever the reason, rather than at garbage collection.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        addresses: Sequence[str],
+        method: Callable[[grpc.aio.Channel], Callable[..., Any]],
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError(f"no address configured for the {stage} stage")
+        self.stage = stage
+        self.addresses = tuple(addresses)
+        interceptors = list((telemetry or Telemetry()).client_interceptors())
+        self._channels = {
+            addr: grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
+            for addr in self.addresses
+        }
+        self._methods = {addr: method(channel) for addr, channel in self._channels.items()}
+
+    async def stream(
+        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext | None = None
+    ) -> AsyncIterator[T]:
+        order = rendezvous_order(request.session.id, self.addresses)
+        for attempt, addr in enumerate(order):
+            timeout = context.time_remaining() if context is not None else None
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
+            call = self._methods[addr](request, timeout=timeout)
+            if context is not None:
+                # Runs when our own RPC ends (done, cancelled, deadline): stop the work below at once.
+                context.add_done_callback(lambda _ctx, call=call: call.cancel())
+            received = False
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        return
+                    received = True
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                err_stage = from_rpc_error(err, self.stage)
+                retryable = (
+                    err.code() == grpc.StatusCode.UNAVAILABLE and not received and attempt + 1 < len(order)
+                    and err_stage.stage == self.stage
+                )
+                if retryable:
+                    log.warning("stage=%s replica=%s unavailable; trying the next replica", self.stage, addr)
+                    continue
+                raise err_stage from None
+            finally:
+                call.cancel()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

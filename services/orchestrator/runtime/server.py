@@ -1,0 +1,167 @@
+"""Stage server bootstrap: health, reflection, admin status, ready file, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.config import ConfigError, MeshConfig, load_config
+from orchestrator.pipeline.inference import WorkerStats
+from orchestrator.runtime.stage import StageRuntime
+from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+@dataclass
+class StageApp:
+    """A stage, built from config and ready to be served."""
+
+    name: str
+    runtime: StageRuntime
+    register: Callable[[grpc.aio.Server], None]
+    service_names: Sequence[str]
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    worker_stats: WorkerStats | None = None
+    worker_name: str = ""
+
+    async def close(self) -> None:
+        for closer in self.closers:
+            await closer()
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, app: StageApp) -> None:
+        self._app = app
+
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetStatusResponse:
+        out = self._app.runtime.status()
+        stats = self._app.worker_stats
+        if stats is not None:
+            out.worker.name = self._app.worker_name
+            out.worker.active = stats.active
+            out.worker.tokens_generated = stats.tokens_generated
+            out.worker.last_generation_end_unix_nanos = stats.last_generation_end_unix_nanos
+        return out
+
+
+@dataclass
+class RunningStage:
+    app: StageApp
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    address: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.app.service_names, ADMIN_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Report NOT_SERVING, let in-flight streams finish within ``grace_s``, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.app.close()
+
+
+async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
+    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
+    interceptors = list(app.runtime.telemetry.server_interceptors())
+    # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
+    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", 0)])
+    app.register(server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*app.service_names, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"{app.name} stage cannot listen on {host}:{port}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"{app.name} stage cannot listen on {host}:{port} (port in use?)")
+    await server.start()
+    running = RunningStage(app, server, health_servicer, f"{host}:{bound}")
+    await running.set_serving(True)
+    return running
+
+
+def _write_ready_file(path: str, running: RunningStage) -> None:
+    """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"stage": running.app.name, "address": running.address, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+async def serve(
+    build: Callable[[MeshConfig, Telemetry], StageApp], cfg: MeshConfig, ready_file: str | None = None
+) -> None:
+    """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
+    app = build(cfg, Telemetry())
+    stage_cfg = cfg.stage(app.name)
+    running = await start_stage(app, stage_cfg.host, stage_cfg.port)
+    log.info("stage=%s listening on %s", app.name, running.address)
+    if ready_file:
+        _write_ready_file(ready_file, running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
+    await running.stop(cfg.server.drain_grace_s)
+    log.info("stage=%s stopped", app.name)
+
+
+def configure_logging(level: str, stage: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {stage} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_stage_main(name: str, build: Callable[[MeshConfig, Telemetry], StageApp], argv: Sequence[str] | None = None) -> int:
+    """Entry point of a stage process: load config once, build the stage, serve."""
+    parser = argparse.ArgumentParser(
+        prog=f"orchestrator stage {name}",
+        description=f"Run the {name} stage. Settings come from --config (or $ORCH_CONFIG) and ORCH_* variables.",
+    )
+    parser.add_argument("--config", help="pipeline TOML file (default: $ORCH_CONFIG, else built-in defaults)")
+    parser.add_argument("--ready-file", help="write {stage, address, pid} as JSON here once serving")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.server.log_level, name)
+    try:
+        asyncio.run(serve(build, cfg, args.ready_file))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

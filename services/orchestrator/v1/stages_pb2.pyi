@@ -1,0 +1,5 @@
+from orchestrator.v1 import types_pb2 as _types_pb2
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor

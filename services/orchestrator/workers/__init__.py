@@ -1,0 +1,1 @@
+"""Model workers: the pluggable token generators behind the inference stage."""
