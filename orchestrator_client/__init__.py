@@ -1,8 +1,8 @@
 """Python client for prompt-orchestrator: submit a prompt to the mesh's edge and stream the answer.
 
-    async with AsyncOrchestratorClient("127.0.0.1:50055") as client:
-        async for chunk in client.submit("What is backpressure?", session="alice"):
-            print(chunk.text, end="")
+async with AsyncOrchestratorClient("127.0.0.1:50055") as client:
+    async for chunk in client.submit("What is backpressure?", session="alice"):
+        print(chunk.text, end="")
 """
 
 from orchestrator.v1.types_pb2 import Completion, FinishReason, PromptRequest, StreamChunk

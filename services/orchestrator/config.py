@@ -283,8 +283,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover - a programming error
 
 
-def _build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], path: tuple[str, ...],
-           source: str, problems: list[str]) -> T:
+def _build(
+    cls: type[T],
+    data: Mapping[str, Any],
+    env: Mapping[str, str],
+    path: tuple[str, ...],
+    source: str,
+    problems: list[str],
+) -> T:
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     for key in data:
@@ -356,4 +362,3 @@ def describe_settings() -> str:
         default = str(default).lower() if isinstance(default, bool) else default
         rows.append(f"| `{s.key}` | `{s.env}` | `{default}` | {s.help} |")
     return "\n".join(rows)
-

@@ -41,7 +41,7 @@ class DemoResult:
 async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tokens: int) -> DemoResult:
     result = DemoResult(session, text)
     started = time.perf_counter()
-    parts = []
+    parts: list[str] = []
     try:
         async for chunk in client.submit(text, session=session, max_tokens=max_tokens, timeout=30.0):
             if not parts:
@@ -52,9 +52,7 @@ async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tok
                 done = chunk.completion
                 reason = FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
                 stages = ", ".join(f"{t.stage} {t.duration_ms:.1f}" for t in done.timings)
-                result.summary = (
-                    f"{done.usage.completion_tokens} tokens ({reason}) by {done.model}; stage ms: {stages}"
-                )
+                result.summary = f"{done.usage.completion_tokens} tokens ({reason}) by {done.model}; stage ms: {stages}"
     except OrchestratorRpcError as err:
         result.error = err
     result.text = "".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -162,10 +163,8 @@ def decode_status(
         elif key == STAGE_KEY and not stage:
             stage = value if isinstance(value, str) else value.decode()
         elif key == RETRY_PUSHBACK_KEY and retry_after_s is None:
-            try:
+            with contextlib.suppress(ValueError):
                 retry_after_s = int(value) / 1000
-            except ValueError:
-                pass
     return DecodedStatus(code, details or "", reason, stage, retry_after_s, metadata)
 
 

@@ -32,13 +32,9 @@ def normalize_request(request: types_pb2.PromptRequest, limits: LimitsConfig) ->
         raise InvalidRequest(f"meta has {len(request.meta)} entries; the limit is {limits.max_meta_entries}")
     params = request.params
     if params.max_tokens > limits.max_tokens_limit:
-        raise InvalidRequest(
-            f"params.max_tokens is {params.max_tokens}; the limit is {limits.max_tokens_limit}"
-        )
+        raise InvalidRequest(f"params.max_tokens is {params.max_tokens}; the limit is {limits.max_tokens_limit}")
     if len(params.stop) > limits.max_stop_sequences:
-        raise InvalidRequest(
-            f"params.stop has {len(params.stop)} sequences; the limit is {limits.max_stop_sequences}"
-        )
+        raise InvalidRequest(f"params.stop has {len(params.stop)} sequences; the limit is {limits.max_stop_sequences}")
     for i, stop in enumerate(params.stop):
         if not stop:
             raise InvalidRequest(f"params.stop[{i}] is empty")

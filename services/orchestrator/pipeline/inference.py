@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from orchestrator.errors import InferenceError, OrchestratorError, OtherError
-from orchestrator.pipeline.scope import Scope
+from orchestrator.pipeline.scope import Scope, aclose
 from orchestrator.v1 import types_pb2
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
@@ -32,9 +32,7 @@ async def _monitored(tokens: AsyncIterator[str], stats: WorkerStats) -> AsyncIte
             stats.tokens_generated += 1
             yield token
     finally:
-        aclose = getattr(tokens, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose(tokens)
         stats.active -= 1
         stats.last_generation_end_unix_nanos = time.time_ns()
 
@@ -71,9 +69,7 @@ async def coalesce(
         finally:
             done = True
             ready.set()
-            aclose = getattr(tokens, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose(tokens)
 
     task = asyncio.create_task(reader())
     try:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
 
 from orchestrator.errors import OtherError
-from orchestrator.pipeline.scope import Scope
+from orchestrator.pipeline.scope import Scope, aclose
 from orchestrator.v1 import types_pb2
 
 
@@ -35,6 +34,18 @@ class StopScanner:
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False
 
+    def feed_tokens(self, tokens: Sequence[str]) -> tuple[str, int, bool]:
+        """Like :meth:`feed` for a batch: also says how many tokens it took to reach a stop."""
+        if not self._stops:
+            return "".join(tokens), len(tokens), False
+        out = []
+        for used, token in enumerate(tokens, 1):
+            text, stopped = self.feed(token)
+            out.append(text)
+            if stopped:
+                return "".join(out), used, True
+        return "".join(out), len(tokens), False
+
     def flush(self) -> str:
         """What was held back, once the stream has ended without a stop."""
         out, self._pending = self._pending, ""
@@ -44,7 +55,7 @@ class StopScanner:
 def _completion(
     start: types_pb2.InferenceStart | None,
     upstream_done: types_pb2.Completion | None,
-    finish: types_pb2.FinishReason.ValueType,
+    finish: types_pb2.FinishReason,
     tokens: int,
     scope: Scope,
 ) -> types_pb2.Completion:
@@ -76,8 +87,8 @@ async def process(
     scanner = StopScanner(request.params.stop)
     start: types_pb2.InferenceStart | None = None
     tokens = 0
-    async with aclosing(upstream) as messages:
-        async for msg in messages:
+    try:
+        async for msg in upstream:
             if msg.HasField("start"):
                 start = msg.start
             batch = list(msg.tokens)
@@ -85,13 +96,13 @@ async def process(
             if max_tokens and tokens + len(batch) >= max_tokens:
                 batch = batch[: max_tokens - tokens]
                 finish = types_pb2.FINISH_REASON_LENGTH
-            text, stopped = scanner.feed("".join(batch))
+            text, used, stopped = scanner.feed_tokens(batch)
             if stopped:
-                # The tokens that made up the stop sequence count as generated.
-                tokens += len(batch)
+                # The tokens up to and including the stop sequence count as generated.
+                tokens += used
                 yield types_pb2.PostOutput(
                     text=text,
-                    tokens=len(batch),
+                    tokens=used,
                     completion=_completion(start, None, types_pb2.FINISH_REASON_STOP, tokens, scope),
                 )
                 return
@@ -108,4 +119,6 @@ async def process(
                 return
             if text or batch:
                 yield types_pb2.PostOutput(text=text, tokens=len(batch))
+    finally:
+        await aclose(upstream)
     raise OtherError("inference stage ended its stream without a completion", stage=scope.stage)

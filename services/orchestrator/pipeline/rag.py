@@ -18,7 +18,7 @@ from orchestrator.v1 import types_pb2
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOPWORDS = frozenset(
-    "a an and are as at be by do does for from how in is it its of on or so that the their then this to "
+    "a an and are as at be by do does for from how in is it its of on or so that the their then this to "  # noqa: SIM905
     "was what when where which who why will with".split()
 )
 

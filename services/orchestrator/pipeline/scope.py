@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.v1 import types_pb2
 
@@ -24,3 +26,10 @@ class Scope:
             queue_ms=self.queue_s * 1000,
             duration_ms=(time.perf_counter() - self.admitted_at) * 1000,
         )
+
+
+async def aclose(stream: AsyncIterator[Any]) -> None:
+    """Close an async generator now (its ``finally`` runs here), not at garbage collection."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()

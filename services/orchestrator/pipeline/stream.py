@@ -20,7 +20,7 @@ class OutputSink(abc.ABC):
     def write(self, request: types_pb2.PromptRequest, chunk: types_pb2.StreamChunk) -> None:
         """Called for each chunk; must not block."""
 
-    def close(self, request: types_pb2.PromptRequest) -> None:  # noqa: B027 - optional hook
+    def close(self, request: types_pb2.PromptRequest) -> None:
         """Called once when the request's stream ends, completed or not."""
 
 

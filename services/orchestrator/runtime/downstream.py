@@ -77,7 +77,9 @@ class Downstream(Generic[T]):
             except grpc.aio.AioRpcError as err:
                 err_stage = from_rpc_error(err, self.stage)
                 retryable = (
-                    err.code() == grpc.StatusCode.UNAVAILABLE and not received and attempt + 1 < len(order)
+                    err.code() == grpc.StatusCode.UNAVAILABLE
+                    and not received
+                    and attempt + 1 < len(order)
                     and err_stage.stage == self.stage
                 )
                 if retryable:

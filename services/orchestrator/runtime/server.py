@@ -144,7 +144,9 @@ def configure_logging(level: str, stage: str) -> None:
     )
 
 
-def run_stage_main(name: str, build: Callable[[MeshConfig, Telemetry], StageApp], argv: Sequence[str] | None = None) -> int:
+def run_stage_main(
+    name: str, build: Callable[[MeshConfig, Telemetry], StageApp], argv: Sequence[str] | None = None
+) -> int:
     """Entry point of a stage process: load config once, build the stage, serve."""
     parser = argparse.ArgumentParser(
         prog=f"orchestrator stage {name}",

@@ -77,6 +77,7 @@ class StageRuntime:
             log.info("stage=%s request=%s %s", self.stage, request.request_id, outcome)
             raise
         except OrchestratorError as err:
+            err.stage = err.stage or self.stage
             outcome = "shed" if err.reason == "OVERLOADED" and err.stage == self.stage else "error"
             if isinstance(err, Cancelled | DeadlineExceeded):
                 outcome = err.reason.lower()
@@ -85,7 +86,11 @@ class StageRuntime:
                 self.outcomes.failed += 1
             log.warning(
                 "stage=%s request=%s session_chars=%d %s: %s (from %s)",
-                self.stage, request.request_id, len(request.session.id), err.code.name, err.message,
+                self.stage,
+                request.request_id,
+                len(request.session.id),
+                err.code.name,
+                err.message,
                 err.stage or self.stage,
             )
             status = to_status(err)

@@ -1,0 +1,188 @@
+"""End to end through five stage processes on loopback, with real gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.launcher import Mesh
+from orchestrator.pipeline.assemble import render_prompt
+from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.pipeline.rag import Bm25Index, load_documents
+from orchestrator.v1 import types_pb2
+from orchestrator.workers.echo import echo_tokens
+from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request
+from tests.conftest import poll, stage_status
+
+pytestmark = pytest.mark.mesh
+
+STAGE_ORDER = ["rag", "assemble", "inference", "post", "stream"]
+LONG_INPUT = "tell me about backpressure and bounded queues " * 60  # ~400 echo tokens
+
+
+def expected_text(user_input: str, max_tokens: int) -> str:
+    """What Echo + Post produce for ``user_input`` with the default config, computed independently."""
+    cfg = load_config(env={})
+    hits = Bm25Index(load_documents()).search(user_input, cfg.rag.top_k)
+    docs = [types_pb2.Document(id=d.id, title=d.title, text=d.text, score=s) for d, s in hits]
+    prompt, _ = render_prompt(user_input, docs, cfg.assemble.max_prompt_chars)
+    return "".join(echo_tokens(prompt)[:max_tokens])
+
+
+async def test_stream_equals_echo_plus_post(mesh: Mesh) -> None:
+    user_input = "How does load shedding protect latency?"
+    async with AsyncOrchestratorClient(mesh.entry) as client:
+        chunks = [c async for c in client.submit(user_input, session="alice", max_tokens=40)]
+    text = "".join(c.text for c in chunks)
+    assert text == expected_text(user_input, 40)
+    assert [c.sequence for c in chunks] == list(range(len(chunks)))
+    assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
+    assert all(not c.HasField("completion") for c in chunks[:-1])
+    done = chunks[-1].completion
+    assert done.finish_reason == FinishReason.Value("FINISH_REASON_LENGTH")
+    assert done.usage.completion_tokens == 40
+    assert done.usage.prompt_tokens > 40
+    assert done.model == "echo"
+    assert [t.stage for t in done.timings] == STAGE_ORDER
+    assert all(t.duration_ms > 0 for t in done.timings)
+
+    # The same stage functions composed in one process give the same text.
+    local = LocalPipeline(load_config(env={}))
+    local_chunks = [c async for c in local.submit(build_request(user_input, session="alice", max_tokens=40))]
+    assert "".join(c.text for c in local_chunks) == text
+
+
+async def test_stop_sequence_ends_the_stream(mesh: Mesh) -> None:
+    user_input = "What is BM25 ranking?"
+    full = expected_text(user_input, 200)
+    stop = "scores a document"
+    assert stop in full
+    async with AsyncOrchestratorClient(mesh.entry) as client:
+        result = await client.complete(user_input, session="bob", max_tokens=200, stop=[stop])
+    assert result.text == full[: full.index(stop)]
+    assert result.completion.finish_reason == FinishReason.Value("FINISH_REASON_STOP")
+    assert 0 < result.completion.usage.completion_tokens < 200
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"input": "", "session": "s"}, "input is empty"),
+        ({"input": "hello", "session": ""}, "session.id is required"),
+        ({"input": "x" * 16385, "session": "s"}, "input is 16385 characters; the limit is 16384"),
+        ({"input": "hello", "session": "s", "max_tokens": 5000}, "params.max_tokens is 5000; the limit is 4096"),
+        ({"input": "hello", "session": "s", "temperature": 3.0}, "params.temperature must be within [0, 2]"),
+        ({"input": "hello", "session": "s", "stop": [""]}, "params.stop[0] is empty"),
+    ],
+)
+async def test_bad_input_is_invalid_argument(mesh: Mesh, request_kwargs: dict[str, object], message: str) -> None:
+    async with AsyncOrchestratorClient(mesh.entry) as client:
+        with pytest.raises(OrchestratorRpcError) as info:
+            await client.complete(**request_kwargs)  # type: ignore[arg-type]
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.message
+        assert info.value.stage == "stream"
+        # ... and the mesh keeps serving.
+        ok = await client.complete("still there?", session="s", max_tokens=3)
+        assert ok.completion.usage.completion_tokens == 3
+
+
+async def test_missing_session_message_is_rejected_at_the_edge(mesh: Mesh) -> None:
+    request = types_pb2.PromptRequest(input="no session at all")
+    async with AsyncOrchestratorClient(mesh.entry) as client:
+        with pytest.raises(OrchestratorRpcError) as info:
+            _ = [c async for c in client.submit_request(request)]
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_surge_admits_capacity_plus_concurrency_and_sheds_the_rest(fresh_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gate = tmp_path / "gate"
+    capacity, concurrency, n = 4, 2, 20
+    m: Mesh = fresh_mesh(
+        ORCH_INFERENCE_QUEUE_CAPACITY=str(capacity),
+        ORCH_INFERENCE_CONCURRENCY=str(concurrency),
+        ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate),
+    )
+    outcomes: list[object] = []
+
+    async def one(i: int, client: AsyncOrchestratorClient) -> None:
+        try:
+            outcomes.append(await client.complete(f"surge request {i}", session=f"s{i}", max_tokens=5, timeout=60))
+        except OrchestratorRpcError as err:
+            outcomes.append(err)
+
+    async with AsyncOrchestratorClient(m.entry) as client:
+        tasks = [asyncio.create_task(one(i, client)) for i in range(n)]
+        # Sheds come back at once, while the admitted requests wait on the gate.
+        deadline = time.monotonic() + 30
+        while len(outcomes) < n - capacity - concurrency:
+            assert time.monotonic() < deadline, f"only {len(outcomes)} sheds arrived"
+            await asyncio.sleep(0.01)
+        status = stage_status(m.address("inference"))
+        assert (status.queue.active, status.queue.waiting) == (concurrency, capacity)
+        assert len(outcomes) == n - capacity - concurrency
+        sheds = [o for o in outcomes if isinstance(o, OrchestratorRpcError)]
+        assert len(sheds) == n - capacity - concurrency
+        for err in sheds:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.stage == "inference"
+            assert err.metadata["capacity"] == str(capacity)
+            assert err.retry_after_s is not None and err.retry_after_s > 0
+            assert "inference stage is overloaded" in err.message
+        gate.touch()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    completed = [o for o in outcomes if not isinstance(o, OrchestratorRpcError)]
+    assert len(completed) == capacity + concurrency
+    assert len(completed) + len(sheds) == n
+    status = stage_status(m.address("inference"))
+    assert status.counters.shed == n - capacity - concurrency
+    assert status.counters.ok == capacity + concurrency
+
+
+def _idle_everywhere(m: Mesh) -> bool:
+    for name in STAGE_ORDER:
+        s = stage_status(m.address(name))
+        if s.queue.active or s.queue.waiting:
+            return False
+    return stage_status(m.address("inference")).worker.active == 0
+
+
+async def test_cancel_mid_stream_stops_the_worker(slow_mesh: Mesh) -> None:
+    async with AsyncOrchestratorClient(slow_mesh.entry) as client:
+        stream = client.submit(LONG_INPUT, session="canceller", max_tokens=400)
+        got = [await anext(stream) for _ in range(3)]
+        assert all(c.text for c in got)
+        before = stage_status(slow_mesh.address("inference")).worker
+        assert before.active == 1
+        cancelled_at = time.time_ns()
+        await stream.aclose()  # cancels the call
+    worker = poll(
+        lambda: (w := stage_status(slow_mesh.address("inference")).worker).active == 0 and w,
+        what="the worker to stop",
+    )
+    stop_ms = (worker.last_generation_end_unix_nanos - cancelled_at) / 1e6
+    print(f"\nworker stopped {stop_ms:.2f} ms after the client cancelled")
+    assert stop_ms < 500
+    poll(lambda: _idle_everywhere(slow_mesh), what="every stage to release the request")
+    tokens = worker.tokens_generated
+    time.sleep(0.1)
+    assert stage_status(slow_mesh.address("inference")).worker.tokens_generated == tokens
+    assert tokens < 100  # far fewer than the 400 asked for
+    for name in ("inference", "post", "stream"):  # rag and assemble had finished their part
+        assert stage_status(slow_mesh.address(name)).counters.cancelled >= 1, name
+
+
+async def test_deadline_shorter_than_the_work(slow_mesh: Mesh) -> None:
+    async with AsyncOrchestratorClient(slow_mesh.entry) as client:
+        started = time.monotonic()
+        with pytest.raises(OrchestratorRpcError) as info:
+            await client.complete(LONG_INPUT, session="hurried", max_tokens=400, timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.0
+    poll(lambda: _idle_everywhere(slow_mesh), what="the worker and every stage to stop")
