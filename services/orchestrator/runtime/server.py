@@ -78,10 +78,19 @@ class RunningStage:
         for name in ("", *self.app.service_names, ADMIN_SERVICE):
             await self.health.set(name, status)
 
-    async def stop(self, grace_s: float | None) -> None:
-        """Report NOT_SERVING, let in-flight streams finish within ``grace_s``, then close."""
+    async def stop(self, grace_s: float) -> None:
+        """Drain: report NOT_SERVING and refuse new requests with UNAVAILABLE (health checks still
+        answer, so probes and balancers see it), let in-flight streams finish within ``grace_s``,
+        then stop the server, cancelling whatever is left."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        drained = await self.app.runtime.drain(grace_s)
+        if not drained:
+            log.warning(
+                "stage=%s grace period over with %d requests in flight", self.app.name, self.app.runtime.in_flight
+            )
+        await self.server.stop(max(0.0, deadline - loop.time()))
         await self.app.close()
 
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from orchestrator.config import LimitsConfig
-from orchestrator.errors import Cancelled, DeadlineExceeded, OrchestratorError, to_status
+from orchestrator.errors import Cancelled, ChannelClosed, DeadlineExceeded, OrchestratorError, to_status
 from orchestrator.pipeline.scope import Scope
 from orchestrator.requests import normalize_request
 from orchestrator.runtime.admission import Admission
@@ -48,6 +48,25 @@ class StageRuntime:
         self.telemetry = telemetry or Telemetry()
         self.admission = Admission(stage, capacity, concurrency, self.telemetry)
         self.outcomes = Outcomes()
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to ``timeout_s`` for in-flight ones; True if all finished."""
+        self.draining = True
+        if self._in_flight == 0:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def serve(
         self,
@@ -62,7 +81,11 @@ class StageRuntime:
         """
         started = time.perf_counter()
         outcome = "error"
+        self._in_flight += 1
         try:
+            if self.draining:
+                # UNAVAILABLE before any message: the caller may retry on another replica.
+                raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
             normalize_request(request, self.limits)
             slot = await self.admission.acquire()
             async with slot:
@@ -100,6 +123,9 @@ class StageRuntime:
             log.exception("stage=%s request=%s failed", self.stage, request.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage")
         finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
 
     @staticmethod
