@@ -1,0 +1,86 @@
+"""The command-line front doors: the demo behind `make run-mesh`, validate, and the client CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launcher import Mesh
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(*argv: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, env={**base, **(env or {})}, cwd=cwd
+    )
+
+
+@pytest.mark.mesh
+def test_demo_prints_ten_answers_and_stops_cleanly(tmp_path: Path) -> None:
+    # The shipped pipeline.toml, with free ports so the test cannot collide with a running mesh.
+    config = tmp_path / "pipeline.toml"
+    text = (ROOT / "pipeline.toml").read_text()
+    for port in range(50051, 50056):
+        text = text.replace(f"port = {port}", "port = 0")
+    config.write_text(text)
+    done = run(str(BIN / "orchestrator"), "demo", "--config", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "summary: 10 completed, 0 shed, 0 failed (of 10)" in done.stdout
+    assert done.stdout.count("  A: ") == 10
+    assert "stopped all five stages" in done.stdout
+    assert "non-zero" not in done.stdout
+
+
+def test_validate_accepts_the_shipped_config() -> None:
+    done = run(str(BIN / "orchestrator"), "validate", "--config", str(ROOT / "pipeline.toml"))
+    assert done.returncode == 0, done.stderr
+    assert "configuration OK" in done.stdout
+
+
+def test_validate_reports_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[rag]\ntop_kk = 3\nport = "x"\n[inference]\nconcurrency = 0\n[inference.worker]\nkind = "gpt"\n')
+    done = run(
+        str(BIN / "orchestrator"), "validate", "--config", str(bad), env={"ORCH_STREAM_QUEUE_CAPACITY": "lots"}
+    )
+    assert done.returncode == 1
+    for problem in (
+        "unknown key 'rag.top_kk' (did you mean 'top_k'?)",
+        "rag.port: expected an integer, got 'x'",
+        "ORCH_STREAM_QUEUE_CAPACITY: expected an integer, got 'lots'",
+        "inference.concurrency must be >= 1",
+        "inference.worker.kind 'gpt' is not one of echo",
+    ):
+        assert problem in done.stderr, problem
+
+
+def test_stage_with_bad_config_exits_2_with_the_reason() -> None:
+    done = run(sys.executable, "-m", "orchestrator.stages.rag", env={"ORCH_RAG_TOP_K": "-1"}, timeout=30)
+    assert done.returncode == 2
+    assert "rag.top_k must be >= 0" in done.stderr
+
+
+@pytest.mark.mesh
+def test_client_cli_streams_and_reports_errors(mesh: Mesh) -> None:
+    done = run(str(BIN / "orchestrator-client"), "submit", "--target", mesh.entry, "--max-tokens", "6", "What is BM25?")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Answer the question")
+    assert "6 completion tokens" in done.stderr
+    bad = run(str(BIN / "orchestrator-client"), "submit", "--target", mesh.entry, "--max-tokens", "99999", "hi")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT (stage stream): params.max_tokens is 99999" in bad.stderr
+
+
+def test_config_table_in_readme_matches_the_code() -> None:
+    done = run(str(BIN / "orchestrator"), "config")
+    assert done.returncode == 0
+    readme = (ROOT / "README.md").read_text()
+    for row in done.stdout.strip().splitlines():
+        assert row in readme, f"README is missing or has a stale settings row: {row}"

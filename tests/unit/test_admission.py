@@ -1,0 +1,82 @@
+"""Admission: capacity + concurrency admitted, the rest shed at once, cancelled waiters leave."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestrator.errors import Overloaded
+from orchestrator.runtime.admission import Admission, Slot
+
+
+async def test_admits_concurrency_then_queues_capacity_then_sheds() -> None:
+    adm = Admission("inference", capacity=3, concurrency=2)
+    held = [await adm.acquire() for _ in range(2)]
+    waiters = [asyncio.create_task(adm.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert (adm.active, adm.waiting) == (2, 3)
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire()
+    err = info.value
+    assert err.stage == "inference"
+    assert err.metadata == {"capacity": "3", "concurrency": "2"}
+    assert err.retry_after_s is not None and err.retry_after_s > 0
+    assert adm.stats.shed == 1
+    # Releasing hands slots to waiters in FIFO order.
+    held[0].release()
+    first: Slot = await waiters[0]
+    assert not waiters[1].done()
+    assert (adm.active, adm.waiting) == (2, 2)
+    first.release()
+    held[1].release()
+    for w in waiters[1:]:
+        (await w).release()
+    assert (adm.active, adm.waiting) == (0, 0)
+    assert adm.stats.admitted == 5
+
+
+async def test_cancelled_waiter_leaves_the_queue_at_once() -> None:
+    adm = Admission("post", capacity=1, concurrency=1)
+    slot = await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    assert adm.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert adm.waiting == 0
+    # The freed queue place is usable again.
+    again = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    slot.release()
+    (await again).release()
+    assert adm.active == 0
+
+
+async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    adm = Admission("rag", capacity=2, concurrency=1)
+    slot = await adm.acquire()
+    a = asyncio.create_task(adm.acquire())
+    b = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    slot.release()  # hands the slot to a ...
+    a.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    (await b).release()
+    assert (adm.active, adm.waiting) == (0, 0)
+
+
+async def test_zero_capacity_sheds_whenever_all_slots_are_busy() -> None:
+    adm = Admission("stream", capacity=0, concurrency=1)
+    async with await adm.acquire():
+        with pytest.raises(Overloaded):
+            await adm.acquire()
+    async with await adm.acquire():
+        pass
+
+
+def test_rejects_nonsense_limits() -> None:
+    with pytest.raises(ValueError):
+        Admission("x", capacity=1, concurrency=0)

@@ -1,0 +1,75 @@
+"""Config: defaults, TOML, ORCH_* overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, settings
+
+
+def test_defaults_are_the_documented_capacities() -> None:
+    cfg = load_config(env={})
+    assert [cfg.stage(s).queue_capacity for s in ("rag", "assemble", "inference", "post", "stream")] == [
+        512, 512, 1024, 512, 256
+    ]
+
+
+def test_toml_then_env_override(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[inference]\nqueue_capacity = 8\n[inference.worker.echo]\nttft_ms = 5\n[rag]\nreplicas = ["a:1"]\n')
+    cfg = load_config(path, env={"ORCH_INFERENCE_QUEUE_CAPACITY": "16", "ORCH_STREAM_LOG_SINK": "true"})
+    assert cfg.inference.queue_capacity == 16
+    assert cfg.inference.worker.echo.ttft_ms == 5.0
+    assert cfg.rag.addresses() == ("a:1",)
+    assert cfg.stream.log_sink is True
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[post]\nconcurrency = 3\n")
+    assert load_config(env={"ORCH_CONFIG": str(path)}).post.concurrency == 3
+
+
+def test_replicas_from_env_are_comma_separated() -> None:
+    cfg = load_config(env={"ORCH_POST_REPLICAS": "h1:1, h2:2"})
+    assert cfg.post.addresses() == ("h1:1", "h2:2")
+
+
+def test_wildcard_host_is_reached_on_loopback() -> None:
+    cfg = load_config(env={"ORCH_RAG_HOST": "0.0.0.0", "ORCH_RAG_PORT": "7000"})
+    assert cfg.rag.addresses() == ("127.0.0.1:7000",)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"ORCH_RAG_TOPK": "3"}, "unknown variable ORCH_RAG_TOPK (did you mean ORCH_RAG_TOP_K?)"),
+        ({"ORCH_RAG_TOP_K": "three"}, "ORCH_RAG_TOP_K: expected an integer, got 'three'"),
+        ({"ORCH_STREAM_LOG_SINK": "maybe"}, "expected true or false"),
+        ({"ORCH_POST_REPLICAS": "nohostport"}, "post.replicas entry 'nohostport' is not host:port"),
+        ({"ORCH_INFERENCE_COALESCE_TOKENS": "0"}, "inference.coalesce_tokens must be >= 1"),
+        ({"ORCH_LIMITS_DEFAULT_MAX_TOKENS": "9000"}, "limits.default_max_tokens must be <= limits.max_tokens_limit"),
+        ({"ORCH_SERVER_LOG_LEVEL": "LOUD"}, "server.log_level 'LOUD'"),
+    ],
+)
+def test_bad_values_are_reported(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert any(problem in p for p in info.value.problems), info.value.problems
+
+
+def test_bad_toml_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[rag\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml", env={})
+
+
+def test_every_setting_has_help_and_a_unique_env_name() -> None:
+    all_settings = list(settings())
+    assert all(s.help for s in all_settings)
+    assert len({s.env for s in all_settings}) == len(all_settings)
