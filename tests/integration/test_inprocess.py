@@ -1,0 +1,77 @@
+"""The five stage servers on port 0 inside the test's event loop, called over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.launcher import CALLEE
+from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.runtime.server import RunningStage, start_stage
+from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.stages import assemble, inference, post, rag, stream
+from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
+
+BUILDERS = {"rag": rag.build, "assemble": assemble.build, "inference": inference.build, "post": post.build,
+            "stream": stream.build}
+
+
+async def start_all(env: dict[str, str]) -> dict[str, RunningStage]:
+    running: dict[str, RunningStage] = {}
+    for name, build in BUILDERS.items():
+        stage_env = dict(env)
+        if name in CALLEE:
+            stage_env.setdefault(f"ORCH_{CALLEE[name].upper()}_REPLICAS", running[CALLEE[name]].address)
+        running[name] = await start_stage(build(load_config(env=stage_env), Telemetry()), "127.0.0.1", 0)
+    return running
+
+
+@pytest.fixture
+async def stages(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, RunningStage]]:
+    env = getattr(request, "param", {})
+    running = await start_all(env)
+    yield running
+    for stage in reversed(running.values()):
+        await stage.stop(0)
+
+
+async def test_grpc_mesh_matches_the_local_pipeline(stages: dict[str, RunningStage]) -> None:
+    inputs = [("alice", "What is session affinity?"), ("bob", "How do stop sequences work?")]
+    local = LocalPipeline(load_config(env={}))
+    async with AsyncOrchestratorClient(stages["stream"].address) as client:
+        for session, text in inputs:
+            remote = await client.complete(text, session=session, max_tokens=30, stop=["Question"])
+            expected = [c async for c in local.submit(build_request(text, session=session, max_tokens=30, stop=["Question"]))]
+            assert remote.text == "".join(c.text for c in expected)
+            assert remote.completion.finish_reason == expected[-1].completion.finish_reason
+            assert remote.completion.usage == expected[-1].completion.usage
+
+
+@pytest.mark.parametrize("stages", [{"ORCH_RAG_QUEUE_CAPACITY": "0", "ORCH_RAG_CONCURRENCY": "1",
+                                     "ORCH_RAG_SIMULATED_DELAY_MS": "300"}], indirect=True)
+async def test_shed_at_the_far_end_reaches_the_client_with_its_stage(stages: dict[str, RunningStage]) -> None:
+    async with AsyncOrchestratorClient(stages["stream"].address) as client:
+        first = asyncio.create_task(client.complete("one", session="a", max_tokens=2))
+        await asyncio.sleep(0.1)  # the first request now holds the only RAG slot for 300 ms
+        with pytest.raises(OrchestratorRpcError) as info:
+            await client.complete("two", session="b", max_tokens=2)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.stage == "rag"
+        assert (await first).completion.usage.completion_tokens == 2
+    assert stages["rag"].app.runtime.admission.stats.shed == 1
+    # Upstream stages passed the shed on; none of them counted it as their own.
+    assert stages["assemble"].app.runtime.admission.stats.shed == 0
+
+
+@pytest.mark.parametrize("stages", [{"ORCH_RAG_REPLICAS": "127.0.0.1:1"}], indirect=True)
+async def test_unreachable_downstream_is_unavailable(stages: dict[str, RunningStage]) -> None:
+    # Assemble is pointed at a port where nothing listens.
+    async with AsyncOrchestratorClient(stages["stream"].address) as client:
+        with pytest.raises(OrchestratorRpcError) as info:
+            await client.complete("hello", session="s", max_tokens=2, timeout=10)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.stage == "rag"
