@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ class AsyncOrchestratorClient:
 
     async def submit_request(
         self, request: types_pb2.PromptRequest, *, timeout: float | None = None
-    ) -> AsyncIterator[types_pb2.StreamChunk]:
+    ) -> AsyncGenerator[types_pb2.StreamChunk, None]:
         """Stream the chunks of one request. Leaving the loop early cancels the request in the mesh."""
         call = self._stub.Submit(request, timeout=timeout)
         try:
@@ -88,7 +88,7 @@ class AsyncOrchestratorClient:
 
     def submit(
         self, input: str, *, session: str, timeout: float | None = None, **params: Any
-    ) -> AsyncIterator[types_pb2.StreamChunk]:
+    ) -> AsyncGenerator[types_pb2.StreamChunk, None]:
         """Stream the answer to ``input``; ``params`` are those of :func:`build_request`."""
         return self.submit_request(build_request(input, session=session, **params), timeout=timeout)
 

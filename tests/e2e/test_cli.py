@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def run(*argv: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *argv: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     return subprocess.run(
         list(argv), capture_output=True, text=True, timeout=timeout, check=False, env={**base, **(env or {})}, cwd=cwd
@@ -47,9 +49,7 @@ def test_validate_accepts_the_shipped_config() -> None:
 def test_validate_reports_every_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[rag]\ntop_kk = 3\nport = "x"\n[inference]\nconcurrency = 0\n[inference.worker]\nkind = "gpt"\n')
-    done = run(
-        str(BIN / "orchestrator"), "validate", "--config", str(bad), env={"ORCH_STREAM_QUEUE_CAPACITY": "lots"}
-    )
+    done = run(str(BIN / "orchestrator"), "validate", "--config", str(bad), env={"ORCH_STREAM_QUEUE_CAPACITY": "lots"})
     assert done.returncode == 1
     for problem in (
         "unknown key 'rag.top_kk' (did you mean 'top_k'?)",

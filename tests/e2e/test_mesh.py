@@ -14,7 +14,7 @@ from orchestrator.launcher import Mesh
 from orchestrator.pipeline.assemble import render_prompt
 from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.pipeline.rag import Bm25Index, load_documents
-from orchestrator.v1 import types_pb2
+from orchestrator.v1 import admin_pb2, types_pb2
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request
 from tests.conftest import poll, stage_status
@@ -161,16 +161,18 @@ async def test_cancel_mid_stream_stops_the_worker(slow_mesh: Mesh) -> None:
         assert before.active == 1
         cancelled_at = time.time_ns()
         await stream.aclose()  # cancels the call
-    worker = poll(
-        lambda: (w := stage_status(slow_mesh.address("inference")).worker).active == 0 and w,
-        what="the worker to stop",
-    )
+
+    def stopped_worker() -> admin_pb2.WorkerStatus | None:
+        worker = stage_status(slow_mesh.address("inference")).worker
+        return worker if worker.active == 0 else None
+
+    worker = poll(stopped_worker, what="the worker to stop")
     stop_ms = (worker.last_generation_end_unix_nanos - cancelled_at) / 1e6
     print(f"\nworker stopped {stop_ms:.2f} ms after the client cancelled")
     assert stop_ms < 500
     poll(lambda: _idle_everywhere(slow_mesh), what="every stage to release the request")
     tokens = worker.tokens_generated
-    time.sleep(0.1)
+    await asyncio.sleep(0.1)
     assert stage_status(slow_mesh.address("inference")).worker.tokens_generated == tokens
     assert tokens < 100  # far fewer than the 400 asked for
     for name in ("inference", "post", "stream"):  # rag and assemble had finished their part

@@ -54,7 +54,10 @@ def test_grpcurl_health_and_submit(mesh: Mesh) -> None:
 def test_grpcurl_sees_the_shed_stage_in_trailers(mesh: Mesh) -> None:
     done = subprocess.run(
         [GRPCURL, "-plaintext", "-v", "-d", '{"input": ""}', mesh.entry, "orchestrator.v1.StreamService/Submit"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr or "INVALID_ARGUMENT" in done.stderr.upper()
@@ -68,7 +71,10 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
     user_input = "How do Node clients read server streams?"
     done = subprocess.run(
         ["node", str(NODE_DIR / "submit.js"), mesh.entry, "node", "24", user_input],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     chunks = [json.loads(line) for line in done.stdout.splitlines()]

@@ -16,8 +16,13 @@ from orchestrator.runtime.telemetry import Telemetry
 from orchestrator.stages import assemble, inference, post, rag, stream
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 
-BUILDERS = {"rag": rag.build, "assemble": assemble.build, "inference": inference.build, "post": post.build,
-            "stream": stream.build}
+BUILDERS = {
+    "rag": rag.build,
+    "assemble": assemble.build,
+    "inference": inference.build,
+    "post": post.build,
+    "stream": stream.build,
+}
 
 
 async def start_all(env: dict[str, str]) -> dict[str, RunningStage]:
@@ -45,14 +50,19 @@ async def test_grpc_mesh_matches_the_local_pipeline(stages: dict[str, RunningSta
     async with AsyncOrchestratorClient(stages["stream"].address) as client:
         for session, text in inputs:
             remote = await client.complete(text, session=session, max_tokens=30, stop=["Question"])
-            expected = [c async for c in local.submit(build_request(text, session=session, max_tokens=30, stop=["Question"]))]
+            expected = [
+                c async for c in local.submit(build_request(text, session=session, max_tokens=30, stop=["Question"]))
+            ]
             assert remote.text == "".join(c.text for c in expected)
             assert remote.completion.finish_reason == expected[-1].completion.finish_reason
             assert remote.completion.usage == expected[-1].completion.usage
 
 
-@pytest.mark.parametrize("stages", [{"ORCH_RAG_QUEUE_CAPACITY": "0", "ORCH_RAG_CONCURRENCY": "1",
-                                     "ORCH_RAG_SIMULATED_DELAY_MS": "300"}], indirect=True)
+@pytest.mark.parametrize(
+    "stages",
+    [{"ORCH_RAG_QUEUE_CAPACITY": "0", "ORCH_RAG_CONCURRENCY": "1", "ORCH_RAG_SIMULATED_DELAY_MS": "300"}],
+    indirect=True,
+)
 async def test_shed_at_the_far_end_reaches_the_client_with_its_stage(stages: dict[str, RunningStage]) -> None:
     async with AsyncOrchestratorClient(stages["stream"].address) as client:
         first = asyncio.create_task(client.complete("one", session="a", max_tokens=2))

@@ -17,8 +17,9 @@ def test_shard_is_stable_across_processes() -> None:
     # Python's built-in hash() is salted per process; ours must not be.
     code = "from orchestrator.affinity import shard_session as s; print([s(f'session-{i}', 7) for i in range(50)])"
     outputs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed}
+        ).stdout
         for seed in ("1", "2")
     }
     assert len(outputs) == 1

@@ -24,5 +24,9 @@ def test_public_exports() -> None:
 def test_build_request() -> None:
     req = orchestrator_client.build_request("hi", session="s", max_tokens=5, stop=["x"], meta={"k": "v"})
     assert (req.session.id, req.input, req.params.max_tokens, list(req.params.stop), dict(req.meta)) == (
-        "s", "hi", 5, ["x"], {"k": "v"}
+        "s",
+        "hi",
+        5,
+        ["x"],
+        {"k": "v"},
     )

@@ -12,13 +12,19 @@ from orchestrator.config import ConfigError, load_config, settings
 def test_defaults_are_the_documented_capacities() -> None:
     cfg = load_config(env={})
     assert [cfg.stage(s).queue_capacity for s in ("rag", "assemble", "inference", "post", "stream")] == [
-        512, 512, 1024, 512, 256
+        512,
+        512,
+        1024,
+        512,
+        256,
     ]
 
 
 def test_toml_then_env_override(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
-    path.write_text('[inference]\nqueue_capacity = 8\n[inference.worker.echo]\nttft_ms = 5\n[rag]\nreplicas = ["a:1"]\n')
+    path.write_text(
+        '[inference]\nqueue_capacity = 8\n[inference.worker.echo]\nttft_ms = 5\n[rag]\nreplicas = ["a:1"]\n'
+    )
     cfg = load_config(path, env={"ORCH_INFERENCE_QUEUE_CAPACITY": "16", "ORCH_STREAM_LOG_SINK": "true"})
     assert cfg.inference.queue_capacity == 16
     assert cfg.inference.worker.echo.ttft_ms == 5.0

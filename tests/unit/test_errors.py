@@ -30,7 +30,9 @@ def test_round_trip(error: errors.OrchestratorError, code: grpc.StatusCode) -> N
 
 
 def test_overloaded_carries_plain_trailers_too() -> None:
-    status = errors.to_status(errors.Overloaded("full", stage="inference", retry_after_s=0.12, metadata={"capacity": "4"}))
+    status = errors.to_status(
+        errors.Overloaded("full", stage="inference", retry_after_s=0.12, metadata={"capacity": "4"})
+    )
     trailers = dict(status.trailing_metadata)
     assert trailers["orchestrator-stage"] == "inference"
     assert trailers["grpc-retry-pushback-ms"] == "120"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -91,7 +91,9 @@ class Upstream:
 async def run(
     batches: list[list[str]], max_tokens: int = 100, stop: Sequence[str] = ()
 ) -> tuple[list[types_pb2.PostOutput], Upstream]:
-    request = types_pb2.PromptRequest(request_id="r", params=types_pb2.GenerationParams(max_tokens=max_tokens, stop=stop))
+    request = types_pb2.PromptRequest(
+        request_id="r", params=types_pb2.GenerationParams(max_tokens=max_tokens, stop=stop)
+    )
     up = Upstream(msgs(batches))
     out = [o async for o in process(request, up, Scope("post", "r"))]
     return out, up

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from orchestrator.errors import InferenceError, OrchestratorError, OtherError
@@ -39,7 +39,7 @@ async def _monitored(tokens: AsyncIterator[str], stats: WorkerStats) -> AsyncIte
 
 async def coalesce(
     tokens: AsyncIterator[str], max_tokens: int, max_delay_s: float
-) -> AsyncIterator[tuple[list[str], bool]]:
+) -> AsyncGenerator[tuple[list[str], bool], None]:
     """Group tokens into batches of at most ``max_tokens``, each held at most ``max_delay_s``.
 
     Yields ``(batch, last)``; ``last`` is True exactly once, on the final batch (which

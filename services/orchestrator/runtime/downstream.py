@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -56,7 +56,7 @@ class Downstream(Generic[T]):
 
     async def stream(
         self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext | None = None
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         order = rendezvous_order(request.session.id, self.addresses)
         for attempt, addr in enumerate(order):
             timeout = context.time_remaining() if context is not None else None
