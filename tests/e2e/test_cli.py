@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.launcher import Mesh
+from orchestrator_client import OrchestratorClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -84,3 +86,35 @@ def test_config_table_in_readme_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
     for row in done.stdout.strip().splitlines():
         assert row in readme, f"README is missing or has a stale settings row: {row}"
+
+
+@pytest.mark.mesh
+def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update({f"ORCH_{s.upper()}_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
+    proc = subprocess.Popen(
+        [str(BIN / "orchestrator"), "up"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # ends at EOF if the process dies, so this cannot hang forever
+            lines.append(line)
+            if line.startswith("mesh is up"):
+                break
+        entry = lines[-1].rsplit(" ", 1)[-1].strip()
+        with OrchestratorClient(entry) as client:
+            assert client.complete("hello", session="up", max_tokens=2).completion.usage.completion_tokens == 2
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, "".join(lines) + out
+        assert "stopped all five stages" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -85,3 +85,25 @@ async def test_unreachable_downstream_is_unavailable(stages: dict[str, RunningSt
             await client.complete("hello", session="s", max_tokens=2, timeout=10)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert info.value.stage == "rag"
+
+
+async def test_unreachable_replica_falls_back_to_the_next_one() -> None:
+    # Two RAG "replicas": one dead port and the real one. Sessions whose rendezvous
+    # choice is the dead one must be served by the live one; none may fail.
+    from orchestrator.affinity import rendezvous_order
+
+    live = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
+    replicas = f"127.0.0.1:1,{live.address}"
+    running = await start_all({"ORCH_RAG_REPLICAS": replicas})
+    try:
+        sessions = [f"s{i}" for i in range(12)]
+        first_choices = {rendezvous_order(s, replicas.split(","))[0] for s in sessions}
+        assert "127.0.0.1:1" in first_choices  # the test really exercises the fallback
+        async with AsyncOrchestratorClient(running["stream"].address) as client:
+            for s in sessions:
+                result = await client.complete("What is rendezvous hashing?", session=s, max_tokens=3, timeout=10)
+                assert result.completion.usage.completion_tokens == 3
+        assert live.app.runtime.outcomes.ok == len(sessions)
+    finally:
+        for stage in [*reversed(running.values()), live]:
+            await stage.stop(0)

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import grpc
 
-from orchestrator.config import LimitsConfig
+from orchestrator.config import LimitsConfig, MeshConfig
 from orchestrator.errors import Cancelled, ChannelClosed, DeadlineExceeded, OrchestratorError, to_status
 from orchestrator.pipeline.scope import Scope
 from orchestrator.requests import normalize_request
@@ -51,6 +51,14 @@ class StageRuntime:
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
+
+    @classmethod
+    def for_stage(cls, stage: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
+        """The runtime of ``stage`` with its queue capacity and concurrency from ``cfg``."""
+        own = cfg.stage(stage)
+        return cls(
+            stage, capacity=own.queue_capacity, concurrency=own.concurrency, limits=cfg.limits, telemetry=telemetry
+        )
 
     @property
     def in_flight(self) -> int:

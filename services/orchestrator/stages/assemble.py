@@ -34,9 +34,7 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.assemble
-    runtime = StageRuntime(
-        NAME, capacity=c.queue_capacity, concurrency=c.concurrency, limits=cfg.limits, telemetry=telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
     rag: Downstream[types_pb2.RagOutput] = Downstream(
         "rag", cfg.rag.addresses(), lambda ch: stages_pb2_grpc.RagServiceStub(ch).Retrieve, telemetry
     )

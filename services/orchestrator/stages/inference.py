@@ -54,9 +54,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     worker = build_worker(c.worker)
     stats = inference.WorkerStats()
     # The worker's concurrency limit is the stage's: a slot is a generation.
-    runtime = StageRuntime(
-        NAME, capacity=c.queue_capacity, concurrency=c.concurrency, limits=cfg.limits, telemetry=telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
     assemble: Downstream[types_pb2.AssembleOutput] = Downstream(
         "assemble", cfg.assemble.addresses(), lambda ch: stages_pb2_grpc.AssembleServiceStub(ch).Assemble, telemetry
     )

@@ -33,10 +33,7 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
-    c = cfg.post
-    runtime = StageRuntime(
-        NAME, capacity=c.queue_capacity, concurrency=c.concurrency, limits=cfg.limits, telemetry=telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
     inference: Downstream[types_pb2.InferenceOutput] = Downstream(
         "inference", cfg.inference.addresses(), lambda ch: stages_pb2_grpc.InferenceServiceStub(ch).Infer, telemetry
     )

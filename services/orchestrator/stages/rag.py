@@ -34,9 +34,7 @@ class RagServicer(stages_pb2_grpc.RagServiceServicer):
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.rag
     index = rag.Bm25Index(rag.load_documents(c.documents))  # warm-up: the index exists before SERVING
-    runtime = StageRuntime(
-        NAME, capacity=c.queue_capacity, concurrency=c.concurrency, limits=cfg.limits, telemetry=telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
     servicer = RagServicer(runtime, index, c.top_k, c.simulated_delay_ms / 1000)
     return StageApp(
         NAME,

@@ -41,9 +41,7 @@ class StreamServicer(stages_pb2_grpc.StreamServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.stream
-    runtime = StageRuntime(
-        NAME, capacity=c.queue_capacity, concurrency=c.concurrency, limits=cfg.limits, telemetry=telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
     post: Downstream[types_pb2.PostOutput] = Downstream(
         "post", cfg.post.addresses(), lambda ch: stages_pb2_grpc.PostServiceStub(ch).Process, telemetry
     )
