@@ -20,8 +20,9 @@ T = TypeVar("T")
 
 def mesh_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without ORCH_* settings, every stage on port 0, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
     env.update({f"ORCH_{name.upper()}_PORT": "0" for name in STAGES})
+    env.update({f"ORCH_{name.upper()}_METRICS_PORT": "0" for name in STAGES})
     env.update(overrides)
     return env
 

@@ -31,6 +31,7 @@ class StageConfig:
     replicas: tuple[str, ...] = _f((), "host:port of each replica other stages call (default: host:port)")
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "requests processed at once")
+    metrics_port: int = _f(-1, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -47,6 +48,8 @@ class StageConfig:
             out.append(f"{name}.queue_capacity must be >= 0, got {self.queue_capacity}")
         if self.concurrency < 1:
             out.append(f"{name}.concurrency must be >= 1, got {self.concurrency}")
+        if not -1 <= self.metrics_port <= 65535:
+            out.append(f"{name}.metrics_port must be in -1..65535, got {self.metrics_port}")
         for replica in self.replicas:
             host, sep, port = replica.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
@@ -57,6 +60,7 @@ class StageConfig:
 @dataclass(frozen=True)
 class RagConfig(StageConfig):
     port: int = _f(50051, "port the stage binds (0 picks a free one)")
+    metrics_port: int = _f(9101, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(32, "requests processed at once")
     top_k: int = _f(3, "documents retrieved per request")
@@ -77,6 +81,7 @@ class RagConfig(StageConfig):
 @dataclass(frozen=True)
 class AssembleConfig(StageConfig):
     port: int = _f(50052, "port the stage binds (0 picks a free one)")
+    metrics_port: int = _f(9102, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "requests processed at once")
     max_prompt_chars: int = _f(8192, "longest prompt; context documents are dropped to fit")
@@ -106,6 +111,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class InferenceConfig(StageConfig):
     port: int = _f(50053, "port the stage binds (0 picks a free one)")
+    metrics_port: int = _f(9103, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(1024, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "generations at once: the model worker's concurrency limit")
     coalesce_tokens: int = _f(8, "tokens per message at most (1 disables coalescing)")
@@ -126,6 +132,7 @@ class InferenceConfig(StageConfig):
 @dataclass(frozen=True)
 class PostConfig(StageConfig):
     port: int = _f(50054, "port the stage binds (0 picks a free one)")
+    metrics_port: int = _f(9104, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(1024, "streams relayed at once")
 
@@ -133,6 +140,7 @@ class PostConfig(StageConfig):
 @dataclass(frozen=True)
 class StreamConfig(StageConfig):
     port: int = _f(50055, "port the stage binds (0 picks a free one)")
+    metrics_port: int = _f(9105, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(256, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(1024, "client streams served at once")
     log_sink: bool = _f(False, "also log each completion as 'session: text' (user data: off by default)")
@@ -155,6 +163,7 @@ class LimitsConfig:
 class ServerConfig:
     drain_grace_s: float = _f(10.0, "on SIGTERM, how long in-flight streams may finish")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+    trace_text: bool = _f(False, "put the input text on the stream stage's span (user data: off by default)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def test_demo_prints_ten_answers_and_stops_cleanly(tmp_path: Path) -> None:
     # The shipped pipeline.toml, with free ports so the test cannot collide with a running mesh.
     config = tmp_path / "pipeline.toml"
     text = (ROOT / "pipeline.toml").read_text()
-    for port in range(50051, 50056):
+    for port in (*range(50051, 50056), *range(9101, 9106)):
         text = text.replace(f"port = {port}", "port = 0")
     config.write_text(text)
     done = run(str(BIN / "orchestrator"), "demo", "--config", str(config))
@@ -92,6 +92,7 @@ def test_config_table_in_readme_matches_the_code() -> None:
 def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     env.update({f"ORCH_{s.upper()}_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
+    env.update({f"ORCH_{s.upper()}_METRICS_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
     proc = subprocess.Popen(
         [str(BIN / "orchestrator"), "up"],
         stdout=subprocess.PIPE,

@@ -123,17 +123,25 @@ async def infer(
         temperature=params.temperature,
     )
     prompt_tokens = worker.count_tokens(prompt)
+    scope.tokens_in = prompt_tokens
+    scope.model = worker.name
     index = 0
     try:
         tokens = _monitored(worker.generate(generation), stats)
         async for batch, last in coalesce(tokens, coalesce_tokens, coalesce_ms / 1000):
             out = types_pb2.InferenceOutput(tokens=batch, index=index)
             if index == 0:
+                ttft_s = scope.elapsed_s()
+                scope.telemetry.record_first_token(scope.stage, worker.name, ttft_s)
+                if scope.span.is_recording():
+                    scope.span.add_event("first_token", {"orchestrator.ttft_ms": ttft_s * 1000})
                 out.start.model = worker.name
                 out.start.prompt_tokens = prompt_tokens
                 out.start.timings.extend(timings)
                 out.start.timings.append(scope.timing())
             index += len(batch)
+            scope.tokens_out = index
+            scope.telemetry.record_tokens(scope.stage, len(batch))
             if last:
                 done = out.completion
                 done.finish_reason = (

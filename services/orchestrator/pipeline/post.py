@@ -92,11 +92,13 @@ async def process(
             if msg.HasField("start"):
                 start = msg.start
             batch = list(msg.tokens)
+            scope.tokens_in += len(batch)
             finish = types_pb2.FINISH_REASON_UNSPECIFIED
             if max_tokens and tokens + len(batch) >= max_tokens:
                 batch = batch[: max_tokens - tokens]
                 finish = types_pb2.FINISH_REASON_LENGTH
             text, used, stopped = scanner.feed_tokens(batch)
+            scope.tokens_out = tokens + used
             if stopped:
                 # The tokens up to and including the stop sequence count as generated.
                 tokens += used

@@ -7,17 +7,32 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from orchestrator.runtime.telemetry import Telemetry
 from orchestrator.v1 import types_pb2
+
+_NO_TELEMETRY = Telemetry()
 
 
 @dataclass
 class Scope:
-    """What a stage knows about the request it is working on."""
+    """What a stage knows about the request it is working on, and where it reports.
+
+    Stage logic fills in ``tokens_in``/``tokens_out``/``model``; the runtime puts them on the
+    stage's span when the request ends.
+    """
 
     stage: str
     request_id: str
     queue_s: float = 0.0
     admitted_at: float = field(default_factory=time.perf_counter)
+    span: Span = trace.INVALID_SPAN
+    telemetry: Telemetry = _NO_TELEMETRY
+    tokens_in: int = 0
+    tokens_out: int = 0
+    model: str = ""
 
     def timing(self) -> types_pb2.StageTiming:
         """This stage's timing so far."""
@@ -26,6 +41,9 @@ class Scope:
             queue_ms=self.queue_s * 1000,
             duration_ms=(time.perf_counter() - self.admitted_at) * 1000,
         )
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.admitted_at
 
 
 async def aclose(stream: AsyncIterator[Any]) -> None:

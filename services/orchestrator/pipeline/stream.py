@@ -52,6 +52,7 @@ async def frame(
     sequence = 0
     try:
         async for post in upstream:
+            scope.tokens_in += post.tokens
             if not post.text and not post.HasField("completion"):
                 continue
             chunk = types_pb2.StreamChunk(sequence=sequence, text=post.text, request_id=request.request_id)
@@ -59,6 +60,8 @@ async def frame(
                 chunk.completion.CopyFrom(post.completion)
                 chunk.completion.timings.append(scope.timing())
             sequence += 1
+            scope.tokens_out += post.tokens
+            scope.telemetry.record_tokens(scope.stage, post.tokens)
             for sink in sinks:
                 sink.write(request, chunk)
             yield chunk

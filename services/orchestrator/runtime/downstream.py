@@ -10,7 +10,7 @@ import grpc
 
 from orchestrator.affinity import rendezvous_order
 from orchestrator.errors import DeadlineExceeded, from_rpc_error
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.runtime.telemetry import Telemetry, mark_span
 from orchestrator.v1 import types_pb2
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,11 @@ class Downstream(Generic[T]):
     """A server-streaming method of the next stage, on one channel per replica.
 
     The replica is chosen by rendezvous hashing of the session id; a replica that is
-    unreachable before it sent anything is skipped for the next. The caller's
-    remaining deadline goes with every call, and the call is cancelled explicitly as
-    soon as the caller's RPC ends, whatever the reason, rather than at garbage collection.
+    unreachable before it sent anything is skipped for the next. The caller's remaining
+    deadline goes with every call, and the call is cancelled explicitly as soon as the
+    caller's RPC ends, whatever the reason, rather than at garbage collection. Each call
+    gets a CLIENT span whose end and status we set ourselves, so an abandoned stream shows
+    as cancelled, not OK.
     """
 
     def __init__(
@@ -41,17 +43,16 @@ class Downstream(Generic[T]):
         stage: str,
         addresses: Sequence[str],
         method: Callable[[grpc.aio.Channel], Callable[..., Any]],
+        rpc: str = "",
         telemetry: Telemetry | None = None,
     ) -> None:
         if not addresses:
             raise ValueError(f"no address configured for the {stage} stage")
         self.stage = stage
+        self.rpc = rpc or stage
         self.addresses = tuple(addresses)
-        interceptors = list((telemetry or Telemetry()).client_interceptors())
-        self._channels = {
-            addr: grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
-            for addr in self.addresses
-        }
+        self._telemetry = telemetry or Telemetry()
+        self._channels = {addr: grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) for addr in self.addresses}
         self._methods = {addr: method(channel) for addr, channel in self._channels.items()}
 
     async def stream(
@@ -62,32 +63,44 @@ class Downstream(Generic[T]):
             timeout = context.time_remaining() if context is not None else None
             if timeout is not None and timeout <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
-            call = self._methods[addr](request, timeout=timeout)
+            span, metadata = self._telemetry.client_span(self.rpc)
+            span.set_attribute("net.peer.name", addr)
+            call = self._methods[addr](request, timeout=timeout, metadata=metadata or None)
             if context is not None:
                 # Runs when our own RPC ends (done, cancelled, deadline): stop the work below at once.
                 context.add_done_callback(lambda _ctx, call=call: call.cancel())
             received = False
+            finished = False
             try:
                 while True:
                     message = await call.read()
                     if message is grpc.aio.EOF:
+                        finished = True
+                        if len(order) > 1:
+                            self._telemetry.record_affinity(self.stage, attempt == 0)
                         return
                     received = True
                     yield message
             except grpc.aio.AioRpcError as err:
-                err_stage = from_rpc_error(err, self.stage)
+                finished = True
+                mapped = from_rpc_error(err, self.stage)
+                mark_span(span, err.code().name, mapped.message)
                 retryable = (
                     err.code() == grpc.StatusCode.UNAVAILABLE
                     and not received
                     and attempt + 1 < len(order)
-                    and err_stage.stage == self.stage
+                    and mapped.stage == self.stage
                 )
                 if retryable:
                     log.warning("stage=%s replica=%s unavailable; trying the next replica", self.stage, addr)
                     continue
-                raise err_stage from None
+                raise mapped from None
             finally:
+                if not finished:
+                    # Our caller went away (cancel, deadline) or stopped reading early (stop sequence).
+                    mark_span(span, "CANCELLED", "caller stopped reading", event="cancelled")
                 call.cancel()
+                span.end()
 
     async def close(self) -> None:
         for channel in self._channels.values():

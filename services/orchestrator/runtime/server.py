@@ -12,15 +12,17 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from orchestrator.config import ConfigError, MeshConfig, load_config
 from orchestrator.pipeline.inference import WorkerStats
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.runtime.telemetry import Telemetry, build_telemetry
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class RunningStage:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     address: str
+    metrics_address: str = ""
+    _metrics_server: Any = None
 
     @property
     def port(self) -> int:
@@ -92,13 +96,23 @@ class RunningStage:
             )
         await self.server.stop(max(0.0, deadline - loop.time()))
         await self.app.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        # Exporters flush with blocking I/O: off the loop.
+        await asyncio.to_thread(self.app.runtime.telemetry.shutdown)
+
+    def start_metrics(self, host: str, port: int) -> None:
+        """Serve Prometheus /metrics for this stage's registry (a daemon thread)."""
+        server, _ = start_http_server(port, addr=host, registry=self.app.runtime.telemetry.metrics.registry)
+        self._metrics_server = server
+        self.metrics_address = f"{host}:{server.server_port}"
 
 
 async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
-    interceptors = list(app.runtime.telemetry.server_interceptors())
     # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
-    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app.register(server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     health_servicer = health.aio.HealthServicer()
@@ -121,18 +135,26 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
 def _write_ready_file(path: str, running: RunningStage) -> None:
     """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps({"stage": running.app.name, "address": running.address, "pid": os.getpid()}))
+    info = {
+        "stage": running.app.name,
+        "address": running.address,
+        "metrics_address": running.metrics_address,
+        "pid": os.getpid(),
+    }
+    tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
 
 async def serve(
-    build: Callable[[MeshConfig, Telemetry], StageApp], cfg: MeshConfig, ready_file: str | None = None
+    name: str, build: Callable[[MeshConfig, Telemetry], StageApp], cfg: MeshConfig, ready_file: str | None = None
 ) -> None:
     """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
-    app = build(cfg, Telemetry())
-    stage_cfg = cfg.stage(app.name)
+    stage_cfg = cfg.stage(name)
+    app = build(cfg, build_telemetry(name, record_text=cfg.server.trace_text))
     running = await start_stage(app, stage_cfg.host, stage_cfg.port)
-    log.info("stage=%s listening on %s", app.name, running.address)
+    if stage_cfg.metrics_port >= 0:
+        running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
+    log.info("stage=%s listening on %s (metrics %s)", app.name, running.address, running.metrics_address or "off")
     if ready_file:
         _write_ready_file(ready_file, running)
     stop = asyncio.Event()
@@ -171,7 +193,7 @@ def run_stage_main(
         return 2
     configure_logging(cfg.server.log_level, name)
     try:
-        asyncio.run(serve(build, cfg, args.ready_file))
+        asyncio.run(serve(name, build, cfg, args.ready_file))
     except OSError as exc:
         log.error("%s", exc)
         return 1

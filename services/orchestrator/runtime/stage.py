@@ -1,4 +1,4 @@
-"""StageRuntime: admission, validation, outcome counting and error mapping around a stage's logic."""
+"""StageRuntime: admission, validation, spans, outcome counting and error mapping around a stage's logic."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from orchestrator.config import LimitsConfig, MeshConfig
-from orchestrator.errors import Cancelled, ChannelClosed, DeadlineExceeded, OrchestratorError, to_status
+from orchestrator.errors import ChannelClosed, OrchestratorError, to_status
 from orchestrator.pipeline.scope import Scope
 from orchestrator.requests import normalize_request
 from orchestrator.runtime.admission import Admission
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.runtime.telemetry import Telemetry, mark_span
 from orchestrator.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,10 @@ class StageRuntime:
         concurrency: int,
         limits: LimitsConfig,
         telemetry: Telemetry | None = None,
+        rpc: str = "",
     ) -> None:
         self.stage = stage
+        self.rpc = rpc or stage
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
         self.admission = Admission(stage, capacity, concurrency, self.telemetry)
@@ -51,13 +55,19 @@ class StageRuntime:
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
+        self.telemetry.set_queue_limits(stage, capacity, concurrency)
 
     @classmethod
-    def for_stage(cls, stage: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
+    def for_stage(cls, stage: str, cfg: MeshConfig, telemetry: Telemetry, rpc: str = "") -> StageRuntime:
         """The runtime of ``stage`` with its queue capacity and concurrency from ``cfg``."""
         own = cfg.stage(stage)
         return cls(
-            stage, capacity=own.queue_capacity, concurrency=own.concurrency, limits=cfg.limits, telemetry=telemetry
+            stage,
+            capacity=own.queue_capacity,
+            concurrency=own.concurrency,
+            limits=cfg.limits,
+            telemetry=telemetry,
+            rpc=rpc,
         )
 
     @property
@@ -89,15 +99,37 @@ class StageRuntime:
         """
         started = time.perf_counter()
         outcome = "error"
+        span = self.telemetry.server_span(self.rpc, context.invocation_metadata())
+        # Make the span current for this RPC's task so downstream calls become its children.
+        token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+        scope: Scope | None = None
         self._in_flight += 1
+        self.telemetry.record_in_flight(self.stage, self._in_flight)
         try:
             if self.draining:
                 # UNAVAILABLE before any message: the caller may retry on another replica.
                 raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
             normalize_request(request, self.limits)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "orchestrator.stage": self.stage,
+                        "orchestrator.request_id": request.request_id,
+                        "orchestrator.session_id": request.session.id,
+                        "orchestrator.input_chars": len(request.input),
+                        "orchestrator.queue.depth": self.admission.waiting,
+                        "orchestrator.queue.capacity": self.admission.capacity,
+                    }
+                )
+                if self.telemetry.record_text and self.stage == "stream":
+                    span.set_attribute("orchestrator.input", request.input)
             slot = await self.admission.acquire()
             async with slot:
-                scope = Scope(self.stage, request.request_id, slot.queue_s, slot.admitted_at)
+                self.telemetry.record_queue_wait(self.stage, slot.queue_s)
+                span.set_attribute("orchestrator.queue.wait_ms", slot.queue_s * 1000)
+                scope = Scope(
+                    self.stage, request.request_id, slot.queue_s, slot.admitted_at, span=span, telemetry=self.telemetry
+                )
                 async for message in body(scope):
                     yield message
             outcome = "ok"
@@ -105,36 +137,56 @@ class StageRuntime:
         except asyncio.CancelledError:
             outcome = self._cancel_outcome(context)
             self.outcomes.cancelled += 1
+            code = "DEADLINE_EXCEEDED" if outcome == "deadline" else "CANCELLED"
+            mark_span(span, code, "the caller went away", event=outcome)
             log.info("stage=%s request=%s %s", self.stage, request.request_id, outcome)
             raise
         except OrchestratorError as err:
             err.stage = err.stage or self.stage
-            outcome = "shed" if err.reason == "OVERLOADED" and err.stage == self.stage else "error"
-            if isinstance(err, Cancelled | DeadlineExceeded):
-                outcome = err.reason.lower()
-                self.outcomes.cancelled += 1
-            elif outcome == "error":
-                self.outcomes.failed += 1
+            outcome = self._error_outcome(err)
+            event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
+            mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
             log.warning(
-                "stage=%s request=%s session_chars=%d %s: %s (from %s)",
+                "stage=%s request=%s %s: %s (from %s)",
                 self.stage,
                 request.request_id,
-                len(request.session.id),
                 err.code.name,
                 err.message,
-                err.stage or self.stage,
+                err.stage,
             )
             status = to_status(err)
             await context.abort(status.code, status.details, status.trailing_metadata)
-        except Exception:
+        except Exception as exc:
             self.outcomes.failed += 1
+            mark_span(span, "INTERNAL", type(exc).__name__)
             log.exception("stage=%s request=%s failed", self.stage, request.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage")
         finally:
             self._in_flight -= 1
+            self.telemetry.record_in_flight(self.stage, self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
+            if span.is_recording():
+                span.set_attribute("orchestrator.outcome", outcome)
+                if scope is not None:
+                    span.set_attributes(
+                        {"orchestrator.tokens.in": scope.tokens_in, "orchestrator.tokens.out": scope.tokens_out}
+                    )
+                    if scope.model:
+                        span.set_attribute("orchestrator.model", scope.model)
+            span.end()
+            if token is not None:
+                otel_context.detach(token)
+
+    def _error_outcome(self, err: OrchestratorError) -> str:
+        if err.reason == "OVERLOADED":
+            return "shed"  # counted in shed_total and the admin counters only by the stage that shed
+        if err.reason in ("CANCELLED", "DEADLINE_EXCEEDED"):
+            self.outcomes.cancelled += 1
+            return "deadline" if err.reason == "DEADLINE_EXCEEDED" else "cancelled"
+        self.outcomes.failed += 1
+        return "error"
 
     @staticmethod
     def _cancel_outcome(context: grpc.aio.ServicerContext) -> str:

@@ -1,33 +1,271 @@
-"""Telemetry hook points the runtime calls; the default records nothing and costs next to nothing."""
+"""Telemetry: spans with W3C context over gRPC metadata, Prometheus metrics, optional OTLP export.
+
+One ``Telemetry`` is built per process (``build_telemetry``) and injected into the runtime;
+nothing here is global, so tests hold their own. With no OTLP endpoint configured, spans are
+non-recording and cost a few attribute look-ups per request.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
+NAMESPACE = "orchestrator"
+# Latency buckets from 0.5 ms to 60 s: stage hops are sub-millisecond, generations take seconds.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]
+
+
+# The one table of metrics: Prometheus names are ``orchestrator_<name>``; the README's table is made from it.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("queue_depth", "gauge", "Requests waiting in the stage's admission queue.", ("stage",)),
+    MetricSpec("queue_capacity", "gauge", "Capacity of the stage's admission queue.", ("stage",)),
+    MetricSpec("concurrency_limit", "gauge", "Requests the stage processes at once.", ("stage",)),
+    MetricSpec("in_flight_requests", "gauge", "Requests in the stage: waiting or active.", ("stage",)),
+    MetricSpec("queue_wait_seconds", "histogram", "Time a request waited for admission.", ("stage",)),
+    MetricSpec("stage_latency_seconds", "histogram", "Time a stage held a request, by outcome.", ("stage", "outcome")),
+    MetricSpec(
+        "requests_total",
+        "counter",
+        "Requests by stage and outcome (ok, shed, cancelled, deadline, error).",
+        ("stage", "outcome"),
+    ),
+    MetricSpec("shed_total", "counter", "Requests shed, by stage and reason.", ("stage", "reason")),
+    MetricSpec(
+        "time_to_first_token_seconds", "histogram", "From admission to the worker's first token.", ("stage", "model")
+    ),
+    MetricSpec("tokens_total", "counter", "Tokens generated (inference) or streamed to clients (stream).", ("stage",)),
+    MetricSpec(
+        "affinity_total",
+        "counter",
+        "Downstream calls served by the session's first-choice replica (hit) or a fallback (miss).",
+        ("stage", "result"),
+    ),
+)
+
+
+class Metrics:
+    """Prometheus instruments on an explicit registry, mirrored to OTLP when a meter is given."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, meter: Any | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._prom: dict[str, Any] = {}
+        self._otel: dict[str, Any] = {}
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        for spec in METRICS:
+            full = f"{NAMESPACE}_{spec.name}"
+            if spec.kind == "counter":
+                self._prom[spec.name] = Counter(full, spec.help, spec.labels, registry=self.registry)
+            elif spec.kind == "gauge":
+                self._prom[spec.name] = Gauge(full, spec.help, spec.labels, registry=self.registry)
+            else:
+                self._prom[spec.name] = Histogram(
+                    full, spec.help, spec.labels, registry=self.registry, buckets=_LATENCY_BUCKETS
+                )
+            if meter is not None:
+                unit = "s" if spec.name.endswith("_seconds") else "1"
+                create = {
+                    "counter": meter.create_counter,
+                    "gauge": meter.create_gauge,
+                    "histogram": meter.create_histogram,
+                }[spec.kind]
+                self._otel[spec.name] = create(full, unit=unit, description=spec.help)
+
+    def _child(self, name: str, labels: tuple[str, ...]) -> Any:
+        key = (name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._prom[name].labels(*labels)
+        return child
+
+    def _otel_attrs(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
+        spec = next(s for s in METRICS if s.name == name)
+        return dict(zip(spec.labels, labels, strict=True))
+
+    def inc(self, name: str, labels: tuple[str, ...], value: float = 1.0) -> None:
+        self._child(name, labels).inc(value)
+        if self._otel:
+            self._otel[name].add(value, self._otel_attrs(name, labels))
+
+    def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        self._child(name, labels).set(value)
+        if self._otel:
+            self._otel[name].set(value, self._otel_attrs(name, labels))
+
+    def observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        self._child(name, labels).observe(value)
+        if self._otel:
+            self._otel[name].record(value, self._otel_attrs(name, labels))
+
 
 class Telemetry:
-    """Where the runtime reports what happens to requests.
+    """Where the runtime reports what happens to requests; the defaults record metrics only."""
 
-    One instance is built per process and injected into the runtime (never a global),
-    so tests can hold their own. Exporters (OTLP, Prometheus) subclass this.
-    """
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        metrics: Metrics | None = None,
+        *,
+        record_text: bool = False,
+        shutdown_hooks: Sequence[Any] = (),
+    ) -> None:
+        self.tracing = tracer_provider is not None
+        self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("prompt-orchestrator")
+        self.metrics = metrics or Metrics()
+        self.record_text = record_text
+        self._propagator = get_global_textmap()
+        self._shutdown_hooks = list(shutdown_hooks)
 
-    def server_interceptors(self) -> Sequence[Any]:
-        return ()
+    # -- spans ---------------------------------------------------------------------------------
 
-    def client_interceptors(self) -> Sequence[Any]:
-        return ()
+    def server_span(self, rpc: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Span:
+        """A SERVER span for an incoming call, child of the caller's ``traceparent`` if any."""
+        if not self.tracing:
+            return trace.INVALID_SPAN
+        carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+        parent = self._propagator.extract(carrier)
+        service, _, method = rpc.rpartition("/")
+        return self.tracer.start_span(
+            rpc,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
+
+    def client_span(self, rpc: str) -> tuple[Span, tuple[tuple[str, str], ...]]:
+        """A CLIENT span for an outgoing call, child of the current span, and the metadata carrying it."""
+        if not self.tracing:
+            return trace.INVALID_SPAN, ()
+        service, _, method = rpc.rpartition("/")
+        span = self.tracer.start_span(
+            rpc,
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
+        return span, tuple(carrier.items())
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def set_queue_limits(self, stage: str, capacity: int, concurrency: int) -> None:
+        self.metrics.set("queue_capacity", (stage,), capacity)
+        self.metrics.set("concurrency_limit", (stage,), concurrency)
+        self.metrics.set("queue_depth", (stage,), 0)
+        self.metrics.set("in_flight_requests", (stage,), 0)
 
     def record_queue_depth(self, stage: str, depth: int) -> None:
         """Called when a stage's wait queue changes length."""
+        self.metrics.set("queue_depth", (stage,), depth)
+
+    def record_in_flight(self, stage: str, count: int) -> None:
+        self.metrics.set("in_flight_requests", (stage,), count)
+
+    def record_queue_wait(self, stage: str, seconds: float) -> None:
+        self.metrics.observe("queue_wait_seconds", (stage,), seconds)
 
     def record_stage_latency(self, stage: str, seconds: float, outcome: str) -> None:
         """Called once per request when a stage is done with it."""
-        log.debug("stage=%s outcome=%s latency_ms=%.2f", stage, outcome, seconds * 1000)
+        self.metrics.observe("stage_latency_seconds", (stage, outcome), seconds)
+        self.metrics.inc("requests_total", (stage, outcome))
 
     def record_shed(self, stage: str, reason: str) -> None:
         """Called for every request a stage sheds."""
+        self.metrics.inc("shed_total", (stage, reason))
+
+    def record_first_token(self, stage: str, model: str, seconds: float) -> None:
+        self.metrics.observe("time_to_first_token_seconds", (stage, model), seconds)
+
+    def record_tokens(self, stage: str, count: int) -> None:
+        self.metrics.inc("tokens_total", (stage,), count)
+
+    def record_affinity(self, stage: str, hit: bool) -> None:
+        self.metrics.inc("affinity_total", (stage, "hit" if hit else "miss"))
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters (spans still queued are sent)."""
+        for hook in self._shutdown_hooks:
+            try:
+                hook()
+            except Exception:  # an exporter that cannot flush must not block shutdown
+                log.warning("telemetry shutdown hook failed", exc_info=True)
+
+
+def mark_span(span: Span, code: str, message: str, event: str | None = None, **attributes: Any) -> None:
+    """Record a non-OK outcome on a span: an event (if given) and an ERROR status."""
+    if not span.is_recording():
+        return
+    if event:
+        span.add_event(event, attributes)
+    span.set_attribute("rpc.grpc.status_code", code)
+    span.set_status(Status(StatusCode.ERROR, f"{code}: {message}" if message else code))
+
+
+def _env_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_telemetry(service_name: str, env: Mapping[str, str] | None = None, *, record_text: bool = False) -> Telemetry:
+    """Build the process's telemetry from the standard ``OTEL_*`` variables.
+
+    Tracing is on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set
+    (unless ``OTEL_SDK_DISABLED`` or ``OTEL_TRACES_EXPORTER=none``); the sampler comes from
+    ``OTEL_TRACES_SAMPLER``/``_ARG``, batching from ``OTEL_BSP_*``. Metrics are also exported over
+    OTLP when ``OTEL_METRICS_EXPORTER=otlp``. ``service.name`` is ``OTEL_SERVICE_NAME`` if set, else
+    ``service_name`` (the stage).
+    """
+    env = os.environ if env is None else env
+    if _env_true(env.get("OTEL_SDK_DISABLED")):
+        return Telemetry(record_text=record_text)
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    traces_on = bool(endpoint) and env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
+    metrics_on = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "otlp"
+    if not traces_on and not metrics_on:
+        return Telemetry(record_text=record_text)
+
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    attributes = {"service.namespace": "prompt-orchestrator"}
+    if not env.get("OTEL_SERVICE_NAME"):
+        attributes[SERVICE_NAME] = service_name
+    resource = Resource.create(attributes)
+    hooks: list[Any] = []
+    provider = None
+    if traces_on:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        hooks.append(provider.shutdown)
+    meter = None
+    if metrics_on:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        meter_provider = MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
+        )
+        meter = meter_provider.get_meter("prompt-orchestrator")
+        hooks.append(meter_provider.shutdown)
+    log.info("telemetry: traces %s, OTLP metrics %s", "on" if traces_on else "off", "on" if metrics_on else "off")
+    return Telemetry(provider, Metrics(meter=meter), record_text=record_text, shutdown_hooks=hooks)

@@ -14,7 +14,7 @@ from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import service_name
+from orchestrator.stages import downstream, rpc_name, service_name
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "assemble"
@@ -34,16 +34,14 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.assemble
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
-    rag: Downstream[types_pb2.RagOutput] = Downstream(
-        "rag", cfg.rag.addresses(), lambda ch: stages_pb2_grpc.RagServiceStub(ch).Retrieve, telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
+    rag: Downstream[types_pb2.RagOutput] = downstream("rag", cfg, telemetry)
     servicer = AssembleServicer(runtime, rag, c.max_prompt_chars)
     return StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_AssembleServiceServicer_to_server(servicer, server),
-        service_names=[service_name("AssembleService")],
+        service_names=[service_name(NAME)],
         closers=[rag.close],
     )
 

@@ -14,7 +14,7 @@ from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import service_name
+from orchestrator.stages import downstream, rpc_name, service_name
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator.workers.base import ModelWorker, build_worker
 
@@ -54,16 +54,14 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     worker = build_worker(c.worker)
     stats = inference.WorkerStats()
     # The worker's concurrency limit is the stage's: a slot is a generation.
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
-    assemble: Downstream[types_pb2.AssembleOutput] = Downstream(
-        "assemble", cfg.assemble.addresses(), lambda ch: stages_pb2_grpc.AssembleServiceStub(ch).Assemble, telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
+    assemble: Downstream[types_pb2.AssembleOutput] = downstream("assemble", cfg, telemetry)
     servicer = InferenceServicer(runtime, assemble, worker, stats, c.coalesce_tokens, c.coalesce_ms)
     return StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-        service_names=[service_name("InferenceService")],
+        service_names=[service_name(NAME)],
         closers=[assemble.close, worker.close],
         worker_stats=stats,
         worker_name=worker.name,

@@ -14,7 +14,7 @@ from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import service_name
+from orchestrator.stages import downstream, rpc_name, service_name
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "post"
@@ -33,16 +33,14 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
-    inference: Downstream[types_pb2.InferenceOutput] = Downstream(
-        "inference", cfg.inference.addresses(), lambda ch: stages_pb2_grpc.InferenceServiceStub(ch).Infer, telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
+    inference: Downstream[types_pb2.InferenceOutput] = downstream("inference", cfg, telemetry)
     servicer = PostServicer(runtime, inference)
     return StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_PostServiceServicer_to_server(servicer, server),
-        service_names=[service_name("PostService")],
+        service_names=[service_name(NAME)],
         closers=[inference.close],
     )
 

@@ -13,7 +13,7 @@ from orchestrator.pipeline import rag
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import service_name
+from orchestrator.stages import rpc_name, service_name
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "rag"
@@ -34,13 +34,13 @@ class RagServicer(stages_pb2_grpc.RagServiceServicer):
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.rag
     index = rag.Bm25Index(rag.load_documents(c.documents))  # warm-up: the index exists before SERVING
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
     servicer = RagServicer(runtime, index, c.top_k, c.simulated_delay_ms / 1000)
     return StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_RagServiceServicer_to_server(servicer, server),
-        service_names=[service_name("RagService")],
+        service_names=[service_name(NAME)],
     )
 
 

@@ -14,7 +14,7 @@ from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import service_name
+from orchestrator.stages import downstream, rpc_name, service_name
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "stream"
@@ -41,17 +41,15 @@ class StreamServicer(stages_pb2_grpc.StreamServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.stream
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry)
-    post: Downstream[types_pb2.PostOutput] = Downstream(
-        "post", cfg.post.addresses(), lambda ch: stages_pb2_grpc.PostServiceStub(ch).Process, telemetry
-    )
+    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
+    post: Downstream[types_pb2.PostOutput] = downstream("post", cfg, telemetry)
     sinks: list[stream.OutputSink] = [stream.LogSink()] if c.log_sink else []
     servicer = StreamServicer(runtime, post, sinks)
     return StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_StreamServiceServicer_to_server(servicer, server),
-        service_names=[service_name("StreamService")],
+        service_names=[service_name(NAME)],
         closers=[post.close],
     )
 
