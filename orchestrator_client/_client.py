@@ -7,9 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import propagate, trace
 
-from orchestrator.v1 import stages_pb2_grpc, types_pb2
+from orchestrator.v1 import stages_pb2, stages_pb2_grpc, types_pb2
 from orchestrator_client._errors import OrchestratorRpcError
+
+SUBMIT_SERVICE = stages_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name
+SUBMIT_RPC = f"{SUBMIT_SERVICE}/Submit"
 
 
 def build_request(
@@ -40,6 +44,7 @@ class CompletionResult:
     text: str
     chunks: int
     completion: types_pb2.Completion
+    trace_id: str = ""
 
 
 def _collect(chunks: list[types_pb2.StreamChunk]) -> CompletionResult:
@@ -50,16 +55,58 @@ def _collect(chunks: list[types_pb2.StreamChunk]) -> CompletionResult:
         text="".join(c.text for c in chunks),
         chunks=len(chunks),
         completion=chunks[-1].completion,
+        trace_id=chunks[-1].trace_id,
     )
 
 
-class AsyncOrchestratorClient:
-    """grpc.aio client of the mesh's edge (the Stream stage)."""
+class _Tracing:
+    """Optional CLIENT spans around calls, with W3C trace context sent as metadata."""
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, tracer_provider: Any | None) -> None:
+        self._tracer = tracer_provider.get_tracer("orchestrator_client") if tracer_provider is not None else None
+
+    def start(self, metadata: Sequence[tuple[str, str]]) -> tuple[Any, list[tuple[str, str]]]:
+        if self._tracer is None:
+            return None, list(metadata)
+        span = self._tracer.start_span(
+            SUBMIT_RPC,
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SUBMIT_RPC.split("/", maxsplit=1)[0],
+                "rpc.method": "Submit",
+            },
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return span, [*metadata, *carrier.items()]
+
+    @staticmethod
+    def end(span: Any, code: grpc.StatusCode | None) -> None:
+        if span is None:
+            return
+        if code is not None:
+            span.set_attribute("rpc.grpc.status_code", code.name)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            if code == grpc.StatusCode.CANCELLED:
+                span.add_event("cancelled")
+        span.end()
+
+
+class AsyncOrchestratorClient:
+    """grpc.aio client of the mesh's edge (the Stream stage).
+
+    Pass an OpenTelemetry ``tracer_provider`` to wrap each call in a CLIENT span whose
+    trace the mesh joins.
+    """
+
+    def __init__(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), tracer_provider: Any | None = None
+    ) -> None:
         self.target = target
         self._channel = grpc.aio.insecure_channel(target, options=list(options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
+        self._tracing = _Tracing(tracer_provider)
 
     async def __aenter__(self) -> AsyncOrchestratorClient:
         return self
@@ -71,20 +118,29 @@ class AsyncOrchestratorClient:
         await self._channel.close()
 
     async def submit_request(
-        self, request: types_pb2.PromptRequest, *, timeout: float | None = None
+        self,
+        request: types_pb2.PromptRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[types_pb2.StreamChunk, None]:
-        """Stream the chunks of one request. Leaving the loop early cancels the request in the mesh."""
-        call = self._stub.Submit(request, timeout=timeout)
+        """Stream the chunks of one request. Closing the stream early (``aclose()``) cancels it in the mesh."""
+        span, md = self._tracing.start(metadata)
+        call = self._stub.Submit(request, timeout=timeout, metadata=md or None)
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
             while True:
                 chunk = await call.read()
                 if chunk is grpc.aio.EOF:
+                    code = None
                     return
                 yield chunk
         except grpc.aio.AioRpcError as err:
+            code = err.code()
             raise OrchestratorRpcError.from_call_error(err) from None
         finally:
             call.cancel()
+            self._tracing.end(span, code)
 
     def submit(
         self, input: str, *, session: str, timeout: float | None = None, **params: Any
@@ -102,10 +158,13 @@ class AsyncOrchestratorClient:
 class OrchestratorClient:
     """Blocking client of the mesh's edge, for scripts and notebooks."""
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), tracer_provider: Any | None = None
+    ) -> None:
         self.target = target
         self._channel = grpc.insecure_channel(target, options=list(options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
+        self._tracing = _Tracing(tracer_provider)
 
     def __enter__(self) -> OrchestratorClient:
         return self
@@ -117,15 +176,24 @@ class OrchestratorClient:
         self._channel.close()
 
     def submit_request(
-        self, request: types_pb2.PromptRequest, *, timeout: float | None = None
+        self,
+        request: types_pb2.PromptRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> Iterator[types_pb2.StreamChunk]:
-        call = self._stub.Submit(request, timeout=timeout)
+        span, md = self._tracing.start(metadata)
+        call = self._stub.Submit(request, timeout=timeout, metadata=md or None)
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
             yield from call
+            code = None
         except grpc.RpcError as err:
+            code = err.code()
             raise OrchestratorRpcError.from_call_error(err) from None
         finally:
             call.cancel()
+            self._tracing.end(span, code)
 
     def submit(
         self, input: str, *, session: str, timeout: float | None = None, **params: Any

@@ -34,6 +34,7 @@ class StageProcess:
     log_path: Path | None
     env: dict[str, str]
     config: str | None
+    metrics_address: str = ""
 
     @property
     def port(self) -> int:
@@ -105,7 +106,9 @@ class Mesh:
             if time.monotonic() > deadline:
                 raise LaunchError(f"{proc.name} stage did not start within {timeout_s:.0f}s\n{_tail(proc.log_path)}")
             time.sleep(_POLL_S)
-        proc.address = json.loads(ready.read_text())["address"]
+        info = json.loads(ready.read_text())
+        proc.address = info["address"]
+        proc.metrics_address = info.get("metrics_address", "")
         wait_healthy(proc.address, max(1.0, deadline - time.monotonic()))
 
     def kill(self, name: str) -> None:

@@ -59,6 +59,8 @@ async def frame(
             if post.HasField("completion"):
                 chunk.completion.CopyFrom(post.completion)
                 chunk.completion.timings.append(scope.timing())
+                if scope.span.is_recording():
+                    chunk.trace_id = format(scope.span.get_span_context().trace_id, "032x")
             sequence += 1
             scope.tokens_out += post.tokens
             scope.telemetry.record_tokens(scope.stage, post.tokens)

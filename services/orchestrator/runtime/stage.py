@@ -146,6 +146,7 @@ class StageRuntime:
             outcome = self._error_outcome(err)
             event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
             mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
+            span.set_attribute("orchestrator.failed_stage", err.stage)
             log.warning(
                 "stage=%s request=%s %s: %s (from %s)",
                 self.stage,

@@ -127,6 +127,7 @@ class Telemetry:
         shutdown_hooks: Sequence[Any] = (),
     ) -> None:
         self.tracing = tracer_provider is not None
+        self.tracer_provider = tracer_provider
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("prompt-orchestrator")
         self.metrics = metrics or Metrics()
         self.record_text = record_text

@@ -148,13 +148,15 @@ class PostOutput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
 
 class StreamChunk(_message.Message):
-    __slots__ = ("sequence", "text", "request_id", "completion")
+    __slots__ = ("sequence", "text", "request_id", "completion", "trace_id")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     text: str
     request_id: str
     completion: Completion
-    def __init__(self, sequence: _Optional[int] = ..., text: _Optional[str] = ..., request_id: _Optional[str] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, sequence: _Optional[int] = ..., text: _Optional[str] = ..., request_id: _Optional[str] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
