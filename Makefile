@@ -10,7 +10,7 @@ NODE_STAMP := tests/node/node_modules/.installed
 PROTO_FILES := $(wildcard protos/orchestrator/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps
+.PHONY: help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
 
 help:
 	@echo "make run-mesh     start the five stages, send 10 demo requests, stop (exit 0)"
@@ -21,6 +21,7 @@ help:
 	@echo "make check-protos fail if the committed generated code drifted"
 	@echo "make lint         ruff + mypy"
 	@echo "make validate     check pipeline.toml (and ORCH_* overrides)"
+	@echo "make up / down    the mesh + Jaeger + Prometheus with Docker Compose (deploy/compose.yaml)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +77,14 @@ mesh: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/orchestrator validate
+
+# The mesh with Jaeger and Prometheus on a Docker host (needs Docker with the compose plugin).
+up:
+	docker compose -f deploy/compose.yaml up --build -d
+	@echo "Stream stage: 127.0.0.1:50055  Jaeger: http://127.0.0.1:16686  Prometheus: http://127.0.0.1:9090"
+
+down:
+	docker compose -f deploy/compose.yaml down
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

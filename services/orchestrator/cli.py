@@ -65,8 +65,13 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
             print(f"  {name:<9} {mesh.address(name)}  pid {mesh.stages[name].popen.pid}", flush=True)
         if demo:
             from orchestrator.demo import run_demo
+            from orchestrator.runtime.telemetry import build_telemetry
 
-            counts = asyncio.run(run_demo(mesh.entry, sys.stdout))
+            telemetry = build_telemetry("demo-client")
+            if telemetry.tracing:
+                print(f"tracing to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', 'the OTLP endpoint')}", flush=True)
+            counts = asyncio.run(run_demo(mesh.entry, sys.stdout, tracer_provider=telemetry.tracer_provider))
+            telemetry.shutdown()
             ok = counts["completed"] == sum(counts.values())
         else:
             print(f"\nmesh is up; entry (Stream stage): {mesh.entry}", flush=True)
@@ -79,6 +84,21 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
         bad = {name: code for name, code in codes.items() if code != 0}
         print(f"stopped all five stages{'' if not bad else f' (non-zero exits: {bad})'}", flush=True)
     return 0 if ok and not bad else 1
+
+
+def _health(address: str, timeout_s: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as err:
+            print(f"{address}: {err.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _wait_for_signal() -> None:
@@ -107,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
     sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
+    p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
+    p.add_argument("address", help="host:port of a stage")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
     p = sub.add_parser("stage", help="run one stage in this process")
     p.add_argument("name", choices=STAGES)
     p.add_argument("--config")
@@ -117,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(describe_settings())
         return 0
+    if args.command == "health":
+        return _health(args.address, args.timeout)
     if args.command == "stage":
         return _run_stage(importlib.import_module(f"orchestrator.stages.{args.name}"), _stage_argv(args))
     return _up(args, demo=args.command == "demo")

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
@@ -35,6 +35,7 @@ class DemoResult:
     first_chunk_ms: float = 0.0
     total_ms: float = 0.0
     request_id: str = ""
+    trace_id: str = ""
     summary: str = ""
 
 
@@ -49,6 +50,7 @@ async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tok
             parts.append(chunk.text)
             result.request_id = chunk.request_id
             if chunk.HasField("completion"):
+                result.trace_id = chunk.trace_id
                 done = chunk.completion
                 reason = FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
                 stages = ", ".join(f"{t.stage} {t.duration_ms:.1f}" for t in done.timings)
@@ -60,10 +62,13 @@ async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tok
     return result
 
 
-async def run_demo(target: str, out: TextIO, max_tokens: int = 48) -> Counter[str]:
-    """Send the demo requests at once; print each answer as it completes; return outcome counts."""
+async def run_demo(target: str, out: TextIO, max_tokens: int = 48, tracer_provider: Any | None = None) -> Counter[str]:
+    """Send the demo requests at once; print each answer as it completes; return outcome counts.
+
+    With a ``tracer_provider`` each request gets a client span and its trace id is printed.
+    """
     counts: Counter[str] = Counter()
-    async with AsyncOrchestratorClient(target) as client:
+    async with AsyncOrchestratorClient(target, tracer_provider=tracer_provider) as client:
         tasks = [asyncio.create_task(_one(client, s, t, max_tokens)) for s, t in DEMO_REQUESTS]
         for n, finished in enumerate(asyncio.as_completed(tasks), 1):
             r = await finished
@@ -74,6 +79,8 @@ async def run_demo(target: str, out: TextIO, max_tokens: int = 48) -> Counter[st
                 answer = r.text.strip().replace("\n", "\n     ")
                 print(f"  A: {answer}", file=out)
                 print(f"  first chunk {r.first_chunk_ms:.1f} ms, total {r.total_ms:.1f} ms; {r.summary}", file=out)
+                if r.trace_id:
+                    print(f"  trace {r.trace_id}", file=out)
             else:
                 counts["shed" if r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"] += 1
                 print(f"  ! {r.error}", file=out)

@@ -121,8 +121,12 @@ async def test_prometheus_scrapes_queue_depth_sheds_and_latency(
     targets = [proc.metrics_address for proc in m.stages.values()]
     assert all(targets)
     prom = prometheus(targets)
-    poll(lambda: prom.value('count(up{job="orchestrator"} == 1)') == 5, timeout_s=30, interval_s=0.2,
-         what="all five stages to be scraped")
+    poll(
+        lambda: prom.value('count(up{job="orchestrator"} == 1)') == 5,
+        timeout_s=30,
+        interval_s=0.2,
+        what="all five stages to be scraped",
+    )
 
     async with AsyncOrchestratorClient(m.entry) as client:
 
@@ -135,17 +139,24 @@ async def test_prometheus_scrapes_queue_depth_sheds_and_latency(
                 return "shed"
 
         tasks = [asyncio.create_task(one(i)) for i in range(8)]
-        while stage_status(m.address("inference")).counters.shed < 5:
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(
+            poll, lambda: stage_status(m.address("inference")).counters.shed == 5, what="5 sheds at inference"
+        )
         # 1 generating, 2 waiting, 5 shed: Prometheus must see exactly that.
         await asyncio.to_thread(
-            poll, lambda: prom.value('orchestrator_queue_depth{stage="inference"}') == 2,
-            timeout_s=30, interval_s=0.2, what="queue depth 2",
+            poll,
+            lambda: prom.value('orchestrator_queue_depth{stage="inference"}') == 2,
+            timeout_s=30,
+            interval_s=0.2,
+            what="queue depth 2",
         )
         assert prom.value('orchestrator_queue_capacity{stage="inference"}') == 2
         await asyncio.to_thread(
-            poll, lambda: prom.value('orchestrator_shed_total{stage="inference",reason="queue_full"}') == 5,
-            timeout_s=30, interval_s=0.2, what="5 sheds",
+            poll,
+            lambda: prom.value('orchestrator_shed_total{stage="inference",reason="queue_full"}') == 5,
+            timeout_s=30,
+            interval_s=0.2,
+            what="5 sheds",
         )
         gate.touch()
         outcomes = await asyncio.gather(*tasks)
