@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--config", help=f"pipeline TOML (default: $ORCH_CONFIG, else ./{DEFAULT_CONFIG} if present)")
         if name == "up":
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
-    sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
+    p = sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
+    p.add_argument("--metrics", action="store_true", help="list the Prometheus metrics instead")
     p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
@@ -138,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "config":
-        print(describe_settings())
+        from orchestrator.runtime.telemetry import describe_metrics
+
+        print(describe_metrics() if args.metrics else describe_settings())
         return 0
     if args.command == "health":
         return _health(args.address, args.timeout)

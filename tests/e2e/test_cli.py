@@ -80,12 +80,13 @@ def test_client_cli_streams_and_reports_errors(mesh: Mesh) -> None:
     assert "INVALID_ARGUMENT (stage stream): params.max_tokens is 99999" in bad.stderr
 
 
-def test_config_table_in_readme_matches_the_code() -> None:
-    done = run(str(BIN / "orchestrator"), "config")
+@pytest.mark.parametrize("flags", [(), ("--metrics",)])
+def test_tables_in_readme_match_the_code(flags: tuple[str, ...]) -> None:
+    done = run(str(BIN / "orchestrator"), "config", *flags)
     assert done.returncode == 0
     readme = (ROOT / "README.md").read_text()
     for row in done.stdout.strip().splitlines():
-        assert row in readme, f"README is missing or has a stale settings row: {row}"
+        assert row in readme, f"README is missing or has a stale row (see `orchestrator config {' '.join(flags)}`): {row}"
 
 
 @pytest.mark.mesh

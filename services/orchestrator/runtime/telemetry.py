@@ -61,6 +61,13 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 
 
+def describe_metrics() -> str:
+    """A Markdown table of every metric (``orchestrator config --metrics``; the README shows it)."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{NAMESPACE}_{m.name}` | {m.kind} | {', '.join(m.labels)} | {m.help} |" for m in METRICS]
+    return "\n".join(rows)
+
+
 class Metrics:
     """Prometheus instruments on an explicit registry, mirrored to OTLP when a meter is given."""
 
