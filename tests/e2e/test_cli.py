@@ -86,7 +86,8 @@ def test_tables_in_readme_match_the_code(flags: tuple[str, ...]) -> None:
     assert done.returncode == 0
     readme = (ROOT / "README.md").read_text()
     for row in done.stdout.strip().splitlines():
-        assert row in readme, f"README is missing or has a stale row (see `orchestrator config {' '.join(flags)}`): {row}"
+        hint = f"orchestrator config {' '.join(flags)}".strip()
+        assert row in readme, f"README is missing or has a stale row (see `{hint}`): {row}"
 
 
 @pytest.mark.mesh
