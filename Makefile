@@ -10,7 +10,7 @@ NODE_STAMP := tests/node/node_modules/.installed
 PROTO_FILES := $(wildcard protos/orchestrator/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
+.PHONY: bench bench-full help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
 
 help:
 	@echo "make run-mesh     start the five stages, send 10 demo requests, stop (exit 0)"
@@ -21,6 +21,7 @@ help:
 	@echo "make check-protos fail if the committed generated code drifted"
 	@echo "make lint         ruff + mypy"
 	@echo "make validate     check pipeline.toml (and ORCH_* overrides)"
+	@echo "make bench        benchmark the mesh against its floors (a few minutes); bench-full: longer"
 	@echo "make up / down    the mesh + Jaeger + Prometheus with Docker Compose (deploy/compose.yaml)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -77,6 +78,13 @@ mesh: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/orchestrator validate
+
+# Benchmarks: results (JSON, Markdown, PNG) land in bench-results/ (git-ignored).
+bench: $(STAMP)
+	$(BIN)/orchestrator bench --out bench-results/latest
+
+bench-full: $(STAMP)
+	$(BIN)/orchestrator bench --full --out bench-results/full
 
 # The mesh with Jaeger and Prometheus on a Docker host (needs Docker with the compose plugin).
 up:

@@ -17,6 +17,7 @@ from orchestrator.config import STAGES, ConfigError, describe_settings, load_con
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
+BENCH_SCENARIOS = ("latency", "throughput", "model-bound", "overload", "cancel", "tracing")
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -86,6 +87,35 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
     return 0 if ok and not bad else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shutil
+
+    from orchestrator.bench.report import markdown, plots
+    from orchestrator.bench.suite import SCENARIOS, run_suite, write_json
+
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run_suite(names, args.scale or (3.0 if args.full else 1.0)))
+    write_json(results, out / "results.json")
+    command = "make bench-full" if args.full else "make bench"
+    (out / "results.md").write_text(markdown(results, command))
+    written = plots(results, out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in written))
+    if args.publish:
+        dest = Path(args.publish)
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in [out / "results.md", *written]:
+            shutil.copy(path, dest / path.name)
+        print(f"published to {dest}")
+    return 0
+
+
 def _health(address: str, timeout_s: float) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -131,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
+    p = sub.add_parser("bench", help="benchmark the mesh against its floors (JSON, Markdown and PNG plots)")
+    p.add_argument("--scenarios", default=",".join(BENCH_SCENARIOS), help="comma-separated (default: all)")
+    p.add_argument("--full", action="store_true", help="3x longer runs (make bench-full)")
+    p.add_argument(
+        "--scale", type=float, default=None, help="multiply run durations by this (default 1, 3 with --full)"
+    )
+    p.add_argument("--out", default="bench-results/latest", help="results folder (default: %(default)s)")
+    p.add_argument("--publish", help="also copy results.md and the plots here (e.g. docs/perf)")
     p = sub.add_parser("stage", help="run one stage in this process")
     p.add_argument("name", choices=STAGES)
     p.add_argument("--config")
@@ -143,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_metrics() if args.metrics else describe_settings())
         return 0
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "health":
         return _health(args.address, args.timeout)
     if args.command == "stage":

@@ -1,0 +1,1 @@
+"""Load generation and benchmarks of the mesh against floors measured in the same run."""

@@ -1,0 +1,123 @@
+"""Bench results as a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    m = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`{command}` on {results['when']}: {m['cpus']} cores ({m['cpu']}), Python {m['python']}.",
+        "Ratios compare the mesh with floors measured in the same run, so they hold up on a noisy machine.",
+        "",
+        "## Targets",
+        "",
+        "| measure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for t in results["targets"].values():
+        sign = ">=" if t["higher_is_better"] else "<="
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['name']} | {_fmt(t['value'])} | {sign} {_fmt(t['target'])} | {met} |")
+    extra = results["extra"]
+    if "cancel_stop_ms" in extra:
+        c = extra["cancel_stop_ms"]
+        lines += [
+            "",
+            f"Cancellation: the worker stopped {c['p50']} ms (p50), {c['p99']} ms (p99), {c['max']} ms (max) "
+            f"after the client cancelled ({c['trials']} trials).",
+        ]
+    if "tracing" in extra:
+        t = extra["tracing"]
+        lines += [
+            "",
+            f"Tracing overhead (N=16, C=16, requests/s): off {t['rps']['off']}, on at 100% "
+            f"{t['rps']['on, 100%']} (x{t['ratio_on_100']}), on at 1% {t['rps']['on, 1%']} "
+            f"(x{t['ratio_on_1']}); {t['spans_received']} spans received.",
+        ]
+    if "idle_rss_mb" in extra:
+        lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
+    if "overload_rss_growth_mb" in extra:
+        lines += [f"RSS growth across the overload steps: {extra['overload_rss_growth_mb']} MB (largest stage)."]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| scenario | target | load | N | req/s | tokens/s | first chunk p50 / p99 ms | total p50 / p99 ms "
+        "| shed | shed reply p99 ms | CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        load = f"{r['offered_rps']:.0f}/s" if r["mode"] == "open" else f"C={r['concurrency']}"
+        lines.append(
+            f"| {r['scenario']} | {r['target']} | {load} | {r['tokens']} | {_fmt(r['rps'])} | "
+            f"{_fmt(r['tokens_per_s'])} | {_fmt(r['ttfc_ms'][50])} / {_fmt(r['ttfc_ms'][99])} | "
+            f"{_fmt(r['total_ms'][50])} / {_fmt(r['total_ms'][99])} | {r['shed_rate'] * 100:.1f}% | "
+            f"{_fmt(r['shed_reply_ms'][99])} | {_fmt(r['cpu_ms_per_request'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """latency_cdf.png (latency scenario) and overload.png (throughput and shed rate vs offered load)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    latency = [r for r in results["runs"] if r["scenario"] == "latency" and r.get("samples")]
+    if latency:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in latency:
+            values = sorted(s[2] * 1000 for s in r["samples"] if s[0] == "ok")
+            if values:
+                ax.plot(
+                    values, [(i + 1) / len(values) for i in range(len(values))], label=f"{r['target']}, N={r['tokens']}"
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("request latency (ms, log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title("Latency CDF, one client (C=1)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        path = out_dir / "latency_cdf.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    steps = [r for r in results["runs"] if r["scenario"] == "overload" and r["mode"] == "open"]
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        offered = [r["offered_rps"] for r in steps]
+        ax.plot(offered, [r["rps"] for r in steps], "o-", label="goodput (req/s)")
+        ax.plot(offered, offered, ":", color="grey", label="offered")
+        ax.set_xlabel("offered load (req/s)")
+        ax.set_ylabel("requests/s")
+        ax2 = ax.twinx()
+        ax2.plot(offered, [r["shed_rate"] * 100 for r in steps], "s--", color="tab:red", label="shed rate (%)")
+        ax2.set_ylabel("shed rate (%)")
+        ax2.set_ylim(0, 100)
+        ax.set_title("Overload: throughput and shedding vs offered load")
+        ax.grid(True, alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+        ax.legend(handles, labels, loc="upper left")
+        path = out_dir / "overload.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

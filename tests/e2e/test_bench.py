@@ -1,0 +1,63 @@
+"""The benchmark tool runs end to end and writes its results (speed itself is never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mesh
+
+BIN = Path(sys.executable).parent
+
+
+def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
+    done = subprocess.run(
+        [
+            str(BIN / "orchestrator"),
+            "bench",
+            "--scenarios",
+            "latency,cancel",
+            "--scale",
+            "0.25",
+            "--out",
+            str(out),
+            "--publish",
+            str(tmp_path / "published"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"latency_ttfc_n1", "idle_rss", "cancel_p99"} <= set(results["targets"])
+    runs = {(r["target"], r["tokens"]) for r in results["runs"]}
+    assert runs == {("mesh", 1), ("mesh", 128), ("single-hop floor", 1), ("single-hop floor", 128)}
+    for run in results["runs"]:
+        assert run["ok"] > 0 and run["errors"] == 0
+        assert run["ttfc_ms"]["50"] is not None
+    assert results["extra"]["cancel_stop_ms"]["trials"] >= 5
+    assert (out / "latency_cdf.png").stat().st_size > 1000
+    assert "| time to first chunk p50" in (tmp_path / "published" / "results.md").read_text()
+    assert "[####################]" in done.stderr  # the progress display
+
+
+def test_unknown_scenario_is_refused() -> None:
+    done = subprocess.run(
+        [str(BIN / "orchestrator"), "bench", "--scenarios", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "unknown scenario(s) nope" in done.stderr
