@@ -17,7 +17,7 @@ from orchestrator.config import STAGES, ConfigError, describe_settings, load_con
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
-BENCH_SCENARIOS = ("latency", "throughput", "model-bound", "overload", "cancel", "tracing")
+BENCH_SCENARIOS = ("latency", "throughput", "model-bound", "overload", "cancel", "tracing", "coalescing")
 
 
 def _config_path(arg: str | None) -> str | None:

@@ -47,6 +47,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"{t['rps']['on, 100%']} (x{t['ratio_on_100']}), on at 1% {t['rps']['on, 1%']} "
             f"(x{t['ratio_on_1']}); {t['spans_received']} spans received.",
         ]
+    if "coalescing_tokens_per_s" in extra:
+        g = extra["coalescing_tokens_per_s"]
+        base = g.get(1) or g.get("1")
+        parts = [f"{k} per message: {v:.0f} tokens/s" + (f" (x{v / base:.2f})" if base else "") for k, v in g.items()]
+        lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
     if "idle_rss_mb" in extra:
         lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
     if "overload_rss_growth_mb" in extra:

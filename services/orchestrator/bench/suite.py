@@ -439,6 +439,21 @@ async def scenario_tracing(ctx: Context) -> None:
         sink.stop()
 
 
+async def scenario_coalescing(ctx: Context) -> None:
+    """What coalescing buys: the token relay (N=128, C=64) at 1, 8 and 32 tokens per message."""
+    gains: dict[int, float] = {}
+    for k in (1, 8, 32):
+        mesh = await start_mesh_target(ctx.run_dir / f"coalesce-{k}", {"ORCH_INFERENCE_COALESCE_TOKENS": str(k)})
+        mesh.name = f"mesh, {k} tokens/message"
+        try:
+            run = await measure("coalescing", mesh, tokens=128, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+        finally:
+            await mesh.close()
+        ctx.runs.append(run)
+        gains[k] = run["tokens_per_s"]
+    ctx.extra["coalescing_tokens_per_s"] = gains
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -446,6 +461,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "overload": scenario_overload,
     "cancel": scenario_cancel,
     "tracing": scenario_tracing,
+    "coalescing": scenario_coalescing,
 }
 
 
