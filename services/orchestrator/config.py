@@ -114,8 +114,8 @@ class InferenceConfig(StageConfig):
     metrics_port: int = _f(9103, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(1024, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "generations at once: the model worker's concurrency limit")
-    coalesce_tokens: int = _f(8, "tokens per message at most (1 disables coalescing)")
-    coalesce_ms: float = _f(5.0, "longest a token waits for others to join its message")
+    coalesce_tokens: int = _f(8, "send a message once this many tokens wait (1: never wait for more)")
+    coalesce_ms: float = _f(5.0, "or once the oldest waiting token is this old")
     worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def problems(self, name: str) -> list[str]:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -199,3 +203,27 @@ async def test_shed_request_is_marked(fresh_mesh: Callable[..., Mesh], receiver:
         assert span.status_code == ERROR and span.status_message.startswith("RESOURCE_EXHAUSTED")
         assert span.attributes["orchestrator.failed_stage"] == "inference"
     assert not [s for s in spans if s.service in ("assemble", "rag")]  # shed before any work below
+
+
+def test_demo_prints_trace_ids_that_reach_the_receiver(receiver: OtlpReceiver, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "pipeline.toml").read_text()
+    for port in (*range(50051, 50056), *range(9101, 9106)):
+        text = text.replace(f"port = {port}", "port = 0")
+    config = tmp_path / "pipeline.toml"
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))} | otel_env(receiver)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("orchestrator")), "demo", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    trace_ids = re.findall(r"^  trace ([0-9a-f]{32})$", done.stdout, flags=re.MULTILINE)
+    assert len(set(trace_ids)) == 10
+    for trace_id in trace_ids:
+        spans = wait_for_trace(receiver, trace_id, servers=5, clients=5)
+        assert any(s.service == "demo-client" for s in spans)
