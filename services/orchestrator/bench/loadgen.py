@@ -93,8 +93,23 @@ class Progress:
 
 @dataclass
 class RunResult:
+    """Every sample, warm-up included; the measurement window is [window_start, window_end]."""
+
     samples: list[Sample]
-    window_s: float
+    window_start: float
+    window_end: float
+
+    @property
+    def window_s(self) -> float:
+        return self.window_end - self.window_start
+
+    def started_in_window(self) -> list[Sample]:
+        """Samples for latency statistics: sent inside the window."""
+        return [s for s in self.samples if self.window_start <= s.started <= self.window_end]
+
+    def completed_in_window(self) -> list[Sample]:
+        """Samples for throughput: finished inside the window, wherever they were sent."""
+        return [s for s in self.samples if self.window_start <= s.started + s.total_s <= self.window_end]
 
 
 async def closed_loop(submit: Submit, concurrency: int, duration_s: float, warmup_s: float, label: str) -> RunResult:
@@ -110,16 +125,14 @@ async def closed_loop(submit: Submit, concurrency: int, duration_s: float, warmu
         while time.perf_counter() < end:
             sample = await run_one(submit, next(counter))
             progress.add(sample)
-            if sample.started >= measure_from:
-                samples.append(sample)
+            samples.append(sample)
 
     stop = asyncio.Event()
     shower = asyncio.create_task(progress.run(stop))
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     stop.set()
     await shower
-    last = max((s.started + s.total_s for s in samples), default=end)
-    return RunResult(samples, max(1e-9, last - measure_from))
+    return RunResult(samples, measure_from, end)
 
 
 async def open_loop(
@@ -137,8 +150,7 @@ async def open_loop(
     async def one(i: int) -> None:
         sample = await run_one(submit, i)
         progress.add(sample)
-        if sample.started >= measure_from:
-            samples.append(sample)
+        samples.append(sample)
 
     stop = asyncio.Event()
     shower = asyncio.create_task(progress.run(stop))
@@ -158,4 +170,4 @@ async def open_loop(
         await asyncio.wait(tasks, timeout=60)
     stop.set()
     await shower
-    return RunResult(samples, duration_s)
+    return RunResult(samples, measure_from, end)

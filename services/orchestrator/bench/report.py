@@ -55,7 +55,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
     if "idle_rss_mb" in extra:
         lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
     if "overload_rss_growth_mb" in extra:
-        lines += [f"RSS growth across the overload steps: {extra['overload_rss_growth_mb']} MB (largest stage)."]
+        lines += [
+            f"RSS growth from the first 4x overload step to the second: {extra['overload_rss_growth_mb']} MB "
+            "(largest stage; the first steps grow the working set of the queues, a leak would grow again)."
+        ]
     lines += [
         "",
         "## Runs",
