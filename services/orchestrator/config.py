@@ -103,9 +103,36 @@ class EchoConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """Any OpenAI-compatible server: vLLM, llama.cpp's server, TGI's messages API, Ollama, OpenAI."""
+
+    base_url: str = _f("http://127.0.0.1:8000/v1", "the API root, ending in /v1")
+    model: str = _f("", "model name sent to the server (and reported as the model)")
+    api: str = _f("chat", "chat (/chat/completions) or completions (/completions)")
+    api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the API key (never logged)")
+    api_key_file: str = _f("", "file holding the API key; wins over api_key_env")
+    timeout_s: float = _f(60.0, "longest wait for the next bytes from the server")
+    connect_timeout_s: float = _f(5.0, "longest wait to connect")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """A model served over this project's ModelWorkerService protocol (orchestrator worker-server)."""
+
+    address: str = _f("127.0.0.1:50060", "host:port of the worker server")
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
-    kind: str = _f("echo", "model worker: echo")
+    kind: str = _f("echo", "model worker: echo, openai or remote")
+    name: str = _f("", "model name to report (default: the worker's own)")
+    retries: int = _f(2, "retries of a failed generation, only before its first token")
+    retry_backoff_ms: float = _f(100.0, "first retry delay; doubles each time (Retry-After wins)")
+    breaker_failures: int = _f(5, "consecutive failures that open the circuit breaker (0: never)")
+    breaker_open_s: float = _f(10.0, "how long the breaker stays open before one probe is let through")
     echo: EchoConfig = field(default_factory=EchoConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass(frozen=True)
@@ -124,8 +151,19 @@ class InferenceConfig(StageConfig):
             out.append(f"{name}.coalesce_tokens must be >= 1")
         if self.coalesce_ms < 0:
             out.append(f"{name}.coalesce_ms must be >= 0")
-        if self.worker.kind not in WORKER_KINDS:
-            out.append(f"{name}.worker.kind {self.worker.kind!r} is not one of {', '.join(WORKER_KINDS)}")
+        w = self.worker
+        if w.kind not in WORKER_KINDS:
+            out.append(f"{name}.worker.kind {w.kind!r} is not one of {', '.join(WORKER_KINDS)}")
+        if w.retries < 0 or w.breaker_failures < 0 or w.retry_backoff_ms < 0 or w.breaker_open_s <= 0:
+            out.append(f"{name}.worker: retries, retry_backoff_ms, breaker_failures must be >= 0, breaker_open_s > 0")
+        if w.openai.api not in ("chat", "completions"):
+            out.append(f"{name}.worker.openai.api {w.openai.api!r} is not chat or completions")
+        if w.kind == "openai" and not w.openai.base_url.startswith(("http://", "https://")):
+            out.append(f"{name}.worker.openai.base_url must start with http:// or https://")
+        if w.openai.api_key_file and not Path(w.openai.api_key_file).is_file():
+            out.append(f"{name}.worker.openai.api_key_file: no such file {w.openai.api_key_file!r}")
+        if w.openai.timeout_s <= 0 or w.openai.connect_timeout_s <= 0:
+            out.append(f"{name}.worker.openai timeouts must be > 0")
         return out
 
 
@@ -196,7 +234,7 @@ class MeshConfig:
         return out
 
 
-WORKER_KINDS = ("echo",)
+WORKER_KINDS = ("echo", "openai", "remote")
 
 
 class ConfigError(Exception):

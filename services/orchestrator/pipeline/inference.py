@@ -25,7 +25,8 @@ class WorkerStats:
     last_generation_end_unix_nanos: int = 0
 
 
-async def _monitored(tokens: AsyncIterator[str], stats: WorkerStats) -> AsyncIterator[str]:
+async def monitored(tokens: AsyncIterator[str], stats: WorkerStats) -> AsyncIterator[str]:
+    """Pass tokens through, counting them and the generations in progress."""
     stats.active += 1
     try:
         async for token in tokens:
@@ -127,7 +128,7 @@ async def infer(
     scope.model = worker.name
     index = 0
     try:
-        tokens = _monitored(worker.generate(generation), stats)
+        tokens = monitored(worker.generate(generation), stats)
         async for batch, last in coalesce(tokens, coalesce_tokens, coalesce_ms / 1000):
             out = types_pb2.InferenceOutput(tokens=batch, index=index)
             if index == 0:

@@ -40,7 +40,15 @@ class StageApp:
     service_names: Sequence[str]
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     worker_stats: WorkerStats | None = None
-    worker_name: str = ""
+    worker_name: Callable[[], str] = lambda: ""
+    # Re-apply a freshly loaded config (the inference stage swaps its worker); None: nothing to reload.
+    reload: Callable[[MeshConfig], Awaitable[str]] | None = None
+    readiness_listener: Callable[[bool], None] | None = None
+
+    def set_ready(self, ready: bool) -> None:
+        """Report SERVING or NOT_SERVING (e.g. while a worker's circuit breaker is open)."""
+        if self.readiness_listener is not None:
+            self.readiness_listener(ready)
 
     async def close(self) -> None:
         for closer in self.closers:
@@ -48,8 +56,22 @@ class StageApp:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, app: StageApp) -> None:
+    def __init__(self, app: StageApp, reload_config: Callable[[], MeshConfig] | None = None) -> None:
         self._app = app
+        self.reload_config = reload_config
+
+    async def Reload(
+        self, request: admin_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ReloadResponse:
+        load = self.reload_config
+        if self._app.reload is None or load is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"the {self._app.name} stage has nothing to reload")
+            raise AssertionError("unreachable")  # abort raises
+        try:
+            worker = await reload_app(self._app, load)
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return admin_pb2.ReloadResponse(worker=worker)
 
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -57,11 +79,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         out = self._app.runtime.status()
         stats = self._app.worker_stats
         if stats is not None:
-            out.worker.name = self._app.worker_name
+            out.worker.name = self._app.worker_name()
             out.worker.active = stats.active
             out.worker.tokens_generated = stats.tokens_generated
             out.worker.last_generation_end_unix_nanos = stats.last_generation_end_unix_nanos
         return out
+
+
+async def reload_app(app: StageApp, load: Callable[[], MeshConfig]) -> str:
+    """Load the config again (file and environment) and hand it to the stage; returns the worker now in use."""
+    assert app.reload is not None
+    cfg = load()
+    worker = await app.reload(cfg)
+    log.info("stage=%s reloaded; worker %s", app.name, worker)
+    return worker
 
 
 @dataclass
@@ -70,8 +101,33 @@ class RunningStage:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     address: str
+    admin: AdminServicer
     metrics_address: str = ""
     _metrics_server: Any = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def set_serving_soon(self, serving: bool) -> None:
+        """``set_serving`` from synchronous code on the loop (a circuit breaker changing state)."""
+        self._spawn(self.set_serving(serving))
+
+    def reload_in_background(self) -> None:
+        """SIGHUP: reload without blocking the signal handler; a bad config keeps the current worker."""
+        load = self.admin.reload_config
+        if self.app.reload is None or load is None:
+            return
+
+        async def run() -> None:
+            try:
+                await reload_app(self.app, load)
+            except ConfigError as exc:
+                log.error("stage=%s reload refused, keeping the current worker: %s", self.app.name, exc)
+
+        self._spawn(run())
 
     @property
     def port(self) -> int:
@@ -114,7 +170,8 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app.register(server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    admin = AdminServicer(app)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -127,8 +184,9 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     if bound == 0:
         raise OSError(f"{app.name} stage cannot listen on {host}:{port} (port in use?)")
     await server.start()
-    running = RunningStage(app, server, health_servicer, f"{host}:{bound}")
+    running = RunningStage(app, server, health_servicer, f"{host}:{bound}", admin)
     await running.set_serving(True)
+    app.readiness_listener = running.set_serving_soon
     return running
 
 
@@ -146,7 +204,11 @@ def _write_ready_file(path: str, running: RunningStage) -> None:
 
 
 async def serve(
-    name: str, build: Callable[[MeshConfig, Telemetry], StageApp], cfg: MeshConfig, ready_file: str | None = None
+    name: str,
+    build: Callable[[MeshConfig, Telemetry], StageApp],
+    cfg: MeshConfig,
+    ready_file: str | None = None,
+    config_path: str | None = None,
 ) -> None:
     """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
     stage_cfg = cfg.stage(name)
@@ -157,10 +219,13 @@ async def serve(
     log.info("stage=%s listening on %s (metrics %s)", app.name, running.address, running.metrics_address or "off")
     if ready_file:
         _write_ready_file(ready_file, running)
+    running.admin.reload_config = lambda: load_config(config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if app.reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.reload_in_background)
     await stop.wait()
     log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
     await running.stop(cfg.server.drain_grace_s)
@@ -193,7 +258,7 @@ def run_stage_main(
         return 2
     configure_logging(cfg.server.log_level, name)
     try:
-        asyncio.run(serve(name, build, cfg, args.ready_file))
+        asyncio.run(serve(name, build, cfg, args.ready_file, args.config))
     except OSError as exc:
         log.error("%s", exc)
         return 1

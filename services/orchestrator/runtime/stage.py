@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+DEADLINE_SLACK_S = 0.05
+
 
 @dataclass
 class Outcomes:
@@ -191,8 +193,10 @@ class StageRuntime:
 
     @staticmethod
     def _cancel_outcome(context: grpc.aio.ServicerContext) -> str:
+        # A caller whose own deadline passed cancels us a moment before ours does: a cancel that
+        # close to our deadline is the deadline.
         remaining = context.time_remaining()
-        return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+        return "deadline" if remaining is not None and remaining <= DEADLINE_SLACK_S else "cancelled"
 
     def status(self) -> admin_pb2.GetStatusResponse:
         adm = self.admission

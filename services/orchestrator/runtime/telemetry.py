@@ -52,6 +52,11 @@ METRICS: tuple[MetricSpec, ...] = (
         "time_to_first_token_seconds", "histogram", "From admission to the worker's first token.", ("stage", "model")
     ),
     MetricSpec("tokens_total", "counter", "Tokens generated (inference) or streamed to clients (stream).", ("stage",)),
+    MetricSpec("worker_retries_total", "counter", "Generations retried before their first token.", ("stage",)),
+    MetricSpec("breaker_open", "gauge", "1 while the worker's circuit breaker is open or half-open.", ("stage",)),
+    MetricSpec(
+        "breaker_transitions_total", "counter", "Circuit breaker state changes, by new state.", ("stage", "state")
+    ),
     MetricSpec(
         "affinity_total",
         "counter",
@@ -206,6 +211,13 @@ class Telemetry:
 
     def record_affinity(self, stage: str, hit: bool) -> None:
         self.metrics.inc("affinity_total", (stage, "hit" if hit else "miss"))
+
+    def record_retry(self, stage: str) -> None:
+        self.metrics.inc("worker_retries_total", (stage,))
+
+    def record_breaker(self, stage: str, state: str) -> None:
+        self.metrics.set("breaker_open", (stage,), 0 if state == "closed" else 1)
+        self.metrics.inc("breaker_transitions_total", (stage, state))
 
     def shutdown(self) -> None:
         """Flush and stop exporters (spans still queued are sent)."""

@@ -1,7 +1,9 @@
-"""Inference stage service: streams coalesced tokens from the configured model worker."""
+"""Inference stage service: streams coalesced tokens from the configured model worker; hot-swaps it on reload."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from functools import partial
@@ -19,6 +21,7 @@ from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator.workers.base import ModelWorker, build_worker
 
 NAME = "inference"
+log = logging.getLogger(__name__)
 
 
 class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
@@ -31,41 +34,93 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
         coalesce_tokens: int,
         coalesce_ms: float,
     ) -> None:
-        self._rt, self._assemble, self._worker, self._stats = runtime, assemble, worker, stats
+        self._rt, self._assemble, self._stats = runtime, assemble, stats
+        self.worker = worker
         self._coalesce = (coalesce_tokens, coalesce_ms)
+        self._users: dict[ModelWorker, int] = {}
+        self._retired: set[ModelWorker] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def Infer(
         self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[types_pb2.InferenceOutput]:
-        body = partial(
-            inference.infer,
-            request,
-            self._assemble.stream(request, context),
-            self._worker,
-            self._stats,
-            *self._coalesce,
+        worker = self.worker  # a request keeps the worker it arrived with, across a swap
+        self._users[worker] = self._users.get(worker, 0) + 1
+        try:
+            body = partial(
+                inference.infer,
+                request,
+                self._assemble.stream(request, context),
+                worker,
+                self._stats,
+                *self._coalesce,
+            )
+            async for out in self._rt.serve(request, context, body):
+                yield out
+        finally:
+            self._users[worker] -= 1
+            if self._users[worker] == 0:
+                del self._users[worker]
+                if worker in self._retired:
+                    self._close_later(worker)
+
+    def swap(self, worker: ModelWorker) -> None:
+        """New requests go to ``worker``; the old one is closed once its last request is done."""
+        old, self.worker = self.worker, worker
+        log.info(
+            "worker swapped: %s -> %s (%d requests still on the old one)",
+            old.name,
+            worker.name,
+            self._users.get(old, 0),
         )
-        async for out in self._rt.serve(request, context, body):
-            yield out
+        if self._users.get(old):
+            self._retired.add(old)
+        else:
+            self._close_later(old)
+
+    def _close_later(self, worker: ModelWorker) -> None:
+        self._retired.discard(worker)
+        task = asyncio.get_running_loop().create_task(worker.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await self.worker.close()
+        if self._closing:
+            await asyncio.wait(self._closing)
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.inference
-    worker = build_worker(c.worker)
     stats = inference.WorkerStats()
     # The worker's concurrency limit is the stage's: a slot is a generation.
     runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
     assemble: Downstream[types_pb2.AssembleOutput] = downstream("assemble", cfg, telemetry)
-    servicer = InferenceServicer(runtime, assemble, worker, stats, c.coalesce_tokens, c.coalesce_ms)
-    return StageApp(
+    app: StageApp
+
+    def new_worker(config: MeshConfig) -> ModelWorker:
+        # While the circuit breaker is open the stage reports NOT_SERVING.
+        return build_worker(
+            config.inference.worker, telemetry, on_breaker_change=lambda is_open: app.set_ready(not is_open)
+        )
+
+    servicer = InferenceServicer(runtime, assemble, new_worker(cfg), stats, c.coalesce_tokens, c.coalesce_ms)
+
+    async def reload(config: MeshConfig) -> str:
+        servicer.swap(new_worker(config))
+        return servicer.worker.name
+
+    app = StageApp(
         NAME,
         runtime,
         register=lambda server: stages_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
         service_names=[service_name(NAME)],
-        closers=[assemble.close, worker.close],
+        closers=[assemble.close, servicer.close],
         worker_stats=stats,
-        worker_name=worker.name,
+        worker_name=lambda: servicer.worker.name,
+        reload=reload,
     )
+    return app
 
 
 def main() -> int:

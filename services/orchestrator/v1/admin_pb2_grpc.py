@@ -40,6 +40,11 @@ class AdminServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/orchestrator.v1.AdminService/Reload',
+                request_serializer=orchestrator_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_admin__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -52,6 +57,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the configuration and swap in a new model worker (inference stage only); in-flight
+        requests finish on the old worker. SIGHUP does the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=orchestrator_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=orchestrator_dot_v1_dot_admin__pb2.ReloadRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_admin__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class AdminService:
             '/orchestrator.v1.AdminService/GetStatus',
             orchestrator_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             orchestrator_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/Reload',
+            orchestrator_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
+            orchestrator_dot_v1_dot_admin__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from orchestrator.config import WorkerConfig
+from orchestrator.runtime.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,35 @@ class ModelWorker(abc.ABC):
         """Release backend resources at shutdown."""
 
 
-WorkerFactory = Callable[[WorkerConfig], ModelWorker]
-
-
-def build_worker(cfg: WorkerConfig) -> ModelWorker:
-    """The worker ``cfg.kind`` names."""
+def build_worker(
+    cfg: WorkerConfig,
+    telemetry: Telemetry | None = None,
+    env: Mapping[str, str] | None = None,
+    on_breaker_change: Callable[[bool], None] | None = None,
+) -> ModelWorker:
+    """The worker ``cfg.kind`` names. Workers that call a backend get retries and a circuit breaker."""
     from orchestrator.workers.echo import EchoWorker
+    from orchestrator.workers.openai import OpenAIWorker, read_api_key
+    from orchestrator.workers.remote import RemoteWorker
+    from orchestrator.workers.resilient import CircuitBreaker, ResilientWorker
 
-    factories: dict[str, WorkerFactory] = {"echo": lambda c: EchoWorker(c.echo)}
-    try:
-        return factories[cfg.kind](cfg)
-    except KeyError:
-        raise ValueError(f"unknown worker kind {cfg.kind!r}; known: {', '.join(sorted(factories))}") from None
+    if cfg.kind == "echo":
+        worker: ModelWorker = EchoWorker(cfg.echo)
+        if cfg.name:
+            worker.name = cfg.name
+        return worker
+    if cfg.kind == "openai":
+        worker = OpenAIWorker(cfg.openai, read_api_key(cfg.openai, dict(os.environ if env is None else env)))
+    elif cfg.kind == "remote":
+        worker = RemoteWorker(cfg.remote.address)
+    else:
+        raise ValueError(f"unknown worker kind {cfg.kind!r}; known: echo, openai, remote")
+    breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s, on_breaker_change, telemetry)
+    return ResilientWorker(
+        worker,
+        retries=cfg.retries,
+        backoff_s=cfg.retry_backoff_ms / 1000,
+        breaker=breaker,
+        telemetry=telemetry,
+        name=cfg.name,
+    )
