@@ -27,8 +27,8 @@ def mesh_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def launch(run_dir: Path, **overrides: str) -> Mesh:
-    return start_mesh(run_dir, env=mesh_env(**overrides), timeout_s=60)
+def launch(run_dir: Path, config: str | None = None, **overrides: str) -> Mesh:
+    return start_mesh(run_dir, config=config, env=mesh_env(**overrides), timeout_s=60)
 
 
 def poll(check: Callable[[], T | None], timeout_s: float = 10.0, interval_s: float = 0.01, what: str = "") -> T:
@@ -72,8 +72,8 @@ def fresh_mesh(tmp_path: Path) -> Iterator[Callable[..., Mesh]]:
     """Start meshes with custom settings; all are stopped after the test."""
     started: list[Mesh] = []
 
-    def _start(**overrides: str) -> Mesh:
-        m = launch(tmp_path / f"mesh{len(started)}", **overrides)
+    def _start(config: str | None = None, **overrides: str) -> Mesh:
+        m = launch(tmp_path / f"mesh{len(started)}", config, **overrides)
         started.append(m)
         return m
 

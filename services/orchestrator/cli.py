@@ -169,10 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out", default="bench-results/latest", help="results folder (default: %(default)s)")
     p.add_argument("--publish", help="also copy results.md and the plots here (e.g. docs/perf)")
+    sub.add_parser(
+        "worker-server", help="serve the configured model worker over ModelWorkerService (see --help)", add_help=False
+    )
     p = sub.add_parser("stage", help="run one stage in this process")
     p.add_argument("name", choices=STAGES)
     p.add_argument("--config")
     p.add_argument("--ready-file")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker-server"]:
+        from orchestrator.workers.server import main as worker_server
+
+        return worker_server(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args)

@@ -116,6 +116,8 @@ async def test_one_request_is_one_trace_with_an_edge_per_hop(
         assert attrs["orchestrator.outcome"] == "ok"
         assert "orchestrator.queue.wait_ms" in attrs and "orchestrator.queue.depth" in attrs
         assert span.status_code != ERROR
+    # A request that completed leaves no span looking failed or cancelled, client spans included.
+    assert [s.name for s in spans if s.status_code == ERROR] == []
     inference = server_span(spans, "inference")
     assert inference.attributes["orchestrator.model"] == "echo"
     assert inference.attributes["orchestrator.tokens.out"] == 20

@@ -118,6 +118,11 @@ async def process(
                     tokens=len(batch),
                     completion=_completion(start, upstream_done, finish, tokens, scope),
                 )
+                if upstream_done is None:
+                    return  # cut at max_tokens: stop the generation below
+                # The upstream's last message: let its call end by itself (OK), not by a cancel.
+                async for _ in upstream:
+                    pass
                 return
             if text or batch:
                 yield types_pb2.PostOutput(text=text, tokens=len(batch))

@@ -136,6 +136,12 @@ class StageRuntime:
                     yield message
             outcome = "ok"
             self.outcomes.ok += 1
+        except GeneratorExit:
+            # gRPC closed the handler instead of cancelling it (the caller went away between messages).
+            outcome = self._cancel_outcome(context)
+            self.outcomes.cancelled += 1
+            mark_span(span, "CANCELLED", "the caller went away", event=outcome)
+            raise
         except asyncio.CancelledError:
             outcome = self._cancel_outcome(context)
             self.outcomes.cancelled += 1
