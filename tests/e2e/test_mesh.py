@@ -139,6 +139,7 @@ async def test_surge_admits_capacity_plus_concurrency_and_sheds_the_rest(fresh_m
     completed = [o for o in outcomes if not isinstance(o, OrchestratorRpcError)]
     assert len(completed) == capacity + concurrency
     assert len(completed) + len(sheds) == n
+
     # The stage counts a request after its last message has gone out: poll, do not race it.
     def counted() -> admin_pb2.GetStatusResponse | None:
         st = stage_status(m.address("inference"))
