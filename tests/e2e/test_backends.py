@@ -281,6 +281,7 @@ async def test_circuit_breaker_opens_flips_readiness_and_a_probe_closes_it(
         assert backend.requests == 3
         poll(lambda: _health(inference, "orchestrator.v1.InferenceService") == not_serving, what="NOT_SERVING")
         assert _health(inference, "") == not_serving
+        assert _health(inference, "orchestrator.liveness") == serving  # out of rotation, not restarted
         # Open: requests fail fast without reaching the backend.
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete("hello", session="s", max_tokens=3, timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import compose
@@ -75,3 +76,57 @@ def test_prometheus_config_is_valid() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+K8S = DEPLOY / "k8s"
+
+
+def k8s_documents() -> list[dict]:  # type: ignore[type-arg]
+    import yaml
+
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
+    files = [str(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"]
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kubernetes-validate")), "--strict", "-k", "1.32.0", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed") == 11
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the kustomization offline")
+def test_kustomization_renders() -> None:
+    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("kind: StatefulSet") == 5
+
+
+def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
+    cfg = load_config(ROOT / "pipeline.toml", env={})
+    sets = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "StatefulSet"}
+    assert set(sets) == set(STAGES)
+    for stage, sts in sets.items():
+        pod = sts["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        port = cfg.stage(stage).port
+        assert container["args"] == ["stage", stage]
+        assert container["readinessProbe"]["grpc"] == {"port": port}
+        assert container["livenessProbe"]["grpc"] == {"port": port, "service": "orchestrator.liveness"}
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert "limits" in container["resources"] and "requests" in container["resources"]
+        if stage in CALLEE:
+            callee = CALLEE[stage]
+            assert env[f"ORCH_{callee.upper()}_REPLICAS"] == f"{callee}-0.{callee}:{cfg.stage(callee).port}"
+        assert pod["terminationGracePeriodSeconds"] > cfg.server.drain_grace_s

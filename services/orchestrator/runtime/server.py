@@ -28,6 +28,9 @@ from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# A health name for liveness probes: SERVING for as long as the process runs, whatever readiness says
+# (an open circuit breaker must take a pod out of rotation, not restart it).
+LIVENESS = "orchestrator.liveness"
 
 
 @dataclass
@@ -186,6 +189,7 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     await server.start()
     running = RunningStage(app, server, health_servicer, f"{host}:{bound}", admin)
     await running.set_serving(True)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     app.readiness_listener = running.set_serving_soon
     return running
 
