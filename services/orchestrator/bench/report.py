@@ -54,6 +54,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
     if "idle_rss_mb" in extra:
         lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
+    if "throughput_peak_rss_mb" in extra:
+        peaks = extra["throughput_peak_rss_mb"]
+        lines += [
+            "Peak RSS per stage after the throughput runs (MB): "
+            + ", ".join(f"{k} {v['peak_mb']}" for k, v in peaks.items())
+        ]
     if "overload_rss_growth_mb" in extra:
         lines += [
             f"RSS growth from the first 4x overload step to the second: {extra['overload_rss_growth_mb']} MB "
