@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -18,9 +22,81 @@ from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 T = TypeVar("T")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without ORCH_* and OTEL_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
+    env.update(extra)
+    return env
+
+
+def free_port_config(tmp_path: Path) -> Path:
+    """The shipped pipeline.toml with every port 0, so a test cannot collide with a running mesh."""
+    text = (ROOT / "pipeline.toml").read_text()
+    for port in (*range(50051, 50056), *range(9101, 9106)):
+        text = text.replace(f"port = {port}", "port = 0")
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def run_demo(config: Path, env: dict[str, str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    """``orchestrator demo`` as `make run-mesh` runs it."""
+    return subprocess.run(
+        [str(BIN / "orchestrator"), "demo", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        env=env,
+    )
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def start_on_free_port(
+    command: Callable[[int], list[str]], ready: Callable[[int], bool], log_path: Path, timeout_s: float = 60
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server that cannot report a port it picked itself (Prometheus, uvicorn).
+
+    Try random ports: a port taken in the meantime makes the server exit at once and we try another,
+    so there is no bind-then-release race.
+    """
+    for _ in range(20):
+        port = random.randint(20000, 60000)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(command(port), stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready(port):
+                return proc, port
+            time.sleep(0.1)
+        stop_process(proc)
+    raise AssertionError(f"{command(0)[0]} did not start:\n" + log_path.read_text(errors="replace")[-3000:])
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def mesh_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without ORCH_* settings, every stage on port 0, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
+    env = clean_env()
     env.update({f"ORCH_{name.upper()}_PORT": "0" for name in STAGES})
     env.update({f"ORCH_{name.upper()}_METRICS_PORT": "0" for name in STAGES})
     env.update(overrides)

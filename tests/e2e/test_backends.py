@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,10 +22,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError
-from tests.conftest import poll, stage_status
+from tests.conftest import (
+    ROOT,
+    clean_env,
+    free_port_config,
+    http_ok,
+    poll,
+    run_demo,
+    stage_status,
+    start_on_free_port,
+    stop_process,
+)
 
 pytestmark = pytest.mark.mesh
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- llama.cpp's server with a tiny random-weight model --------------------------------------------
@@ -39,65 +45,35 @@ class LlamaServer:
         self.model = run_dir / "tiny.gguf"
         subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "tiny_gguf.py"), str(self.model)], check=True)
         self.log_path = run_dir / "llama.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        # uvicorn cannot report a port it picked: try random ports; one taken makes it exit at once.
-        for _ in range(20):
-            self.port = random.randint(20000, 60000)
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "llama_cpp.server",
-                        "--model",
-                        str(self.model),
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(self.port),
-                        "--n_ctx",
-                        "4096",
-                        "--interrupt_requests",
-                        "false",
-                    ],
-                    stdout=log,
-                    stderr=log,
-                )
-            if self._ready():
-                return
-            self.stop()
-        raise AssertionError("llama.cpp server did not start:\n" + self.log_path.read_text()[-3000:])
+        self.proc, self.port = start_on_free_port(
+            lambda port: [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(self.model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "4096",
+                "--interrupt_requests",
+                "false",
+            ],
+            lambda port: http_ok(f"http://127.0.0.1:{port}/v1/models"),
+            self.log_path,
+        )
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def _ready(self) -> bool:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=1) as reply:
-                    if reply.status == 200:
-                        return True
-            except OSError:
-                pass
-            time.sleep(0.1)
-        return False
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +278,7 @@ async def test_circuit_breaker_opens_flips_readiness_and_a_probe_closes_it(
 @pytest.fixture
 def worker_server(tmp_path: Path) -> Iterator[str]:
     ready = tmp_path / "worker.ready"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
-    env["ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS"] = "20"
-    env["ORCH_INFERENCE_WORKER_NAME"] = "echo-remote"
+    env = clean_env(ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="20", ORCH_INFERENCE_WORKER_NAME="echo-remote")
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("orchestrator")),
@@ -413,21 +387,7 @@ def test_reload_with_a_bad_config_keeps_the_worker(fresh_mesh: Callable[..., Mes
 
 @pytest.mark.llama
 def test_demo_runs_against_llama_by_config_alone(llama: LlamaServer, tmp_path: Path) -> None:
-    text = (ROOT / "pipeline.toml").read_text()
-    for port in (*range(50051, 50056), *range(9101, 9106)):
-        text = text.replace(f"port = {port}", "port = 0")
-    config = tmp_path / "pipeline.toml"
-    config.write_text(text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
-    env |= openai_env(llama.base_url, "completions")
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("orchestrator")), "demo", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
+    done = run_demo(free_port_config(tmp_path), clean_env(**openai_env(llama.base_url, "completions")))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "summary: 10 completed, 0 shed, 0 failed (of 10)" in done.stdout
     assert done.stdout.count("by tiny;") == 10

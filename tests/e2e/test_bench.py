@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import clean_env
 
 pytestmark = pytest.mark.mesh
 
@@ -17,7 +18,7 @@ BIN = Path(sys.executable).parent
 
 def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
+    env = clean_env()
     done = subprocess.run(
         [
             str(BIN / "orchestrator"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,15 +11,13 @@ import pytest
 
 from orchestrator.launcher import Mesh
 from orchestrator_client import OrchestratorClient
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.conftest import BIN, ROOT, clean_env, free_port_config, run_demo
 
 
 def run(
     *argv: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    base = clean_env()
     return subprocess.run(
         list(argv), capture_output=True, text=True, timeout=timeout, check=False, env={**base, **(env or {})}, cwd=cwd
     )
@@ -28,13 +25,7 @@ def run(
 
 @pytest.mark.mesh
 def test_demo_prints_ten_answers_and_stops_cleanly(tmp_path: Path) -> None:
-    # The shipped pipeline.toml, with free ports so the test cannot collide with a running mesh.
-    config = tmp_path / "pipeline.toml"
-    text = (ROOT / "pipeline.toml").read_text()
-    for port in (*range(50051, 50056), *range(9101, 9106)):
-        text = text.replace(f"port = {port}", "port = 0")
-    config.write_text(text)
-    done = run(str(BIN / "orchestrator"), "demo", "--config", str(config))
+    done = run_demo(free_port_config(tmp_path), clean_env(), timeout_s=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "summary: 10 completed, 0 shed, 0 failed (of 10)" in done.stdout
     assert done.stdout.count("  A: ") == 10
@@ -91,7 +82,7 @@ def test_tables_in_readme_match_the_code(flags: tuple[str, ...]) -> None:
 
 @pytest.mark.mesh
 def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = clean_env()
     env.update({f"ORCH_{s.upper()}_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
     env.update({f"ORCH_{s.upper()}_METRICS_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
     proc = subprocess.Popen(

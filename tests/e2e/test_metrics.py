@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
-import subprocess
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +15,7 @@ import pytest
 
 from orchestrator.launcher import Mesh
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
-from tests.conftest import poll, stage_status
+from tests.conftest import http_ok, poll, stage_status, start_on_free_port, stop_process
 
 pytestmark = pytest.mark.mesh
 
@@ -35,44 +31,17 @@ class Prometheus:
             "scrape_configs:\n  - job_name: orchestrator\n    static_configs:\n"
             f"      - targets: {json.dumps(targets)}\n"
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        # Prometheus cannot report a port it picked, so try random ports until one binds: a
-        # port taken in the meantime makes it exit at once, and we try another (no race).
-        for _ in range(20):
-            port = random.randint(20000, 60000)
-            log = open(run_dir / "prometheus.log", "wb")  # noqa: SIM115 - handed to the child
-            self.proc = subprocess.Popen(
-                [
-                    PROMETHEUS or "prometheus",
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={run_dir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-            log.close()
-            self.url = f"http://127.0.0.1:{port}"
-            if self._ready():
-                return
-            self.stop()
-        raise AssertionError("Prometheus did not start: " + (run_dir / "prometheus.log").read_text()[-2000:])
-
-    def _ready(self) -> bool:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.1)
-        return False
+        self.proc, port = start_on_free_port(
+            lambda port: [
+                PROMETHEUS or "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={run_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            lambda port: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+            run_dir / "prometheus.log",
+        )
+        self.url = f"http://127.0.0.1:{port}"
 
     def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
@@ -85,13 +54,7 @@ class Prometheus:
         return result[0][1] if len(result) == 1 else None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -21,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from orchestrator.launcher import Mesh
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
-from tests.conftest import launch, poll, stage_status
+from tests.conftest import clean_env, free_port_config, launch, poll, run_demo, stage_status
 from tests.otlp import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.mesh
@@ -208,21 +205,7 @@ async def test_shed_request_is_marked(fresh_mesh: Callable[..., Mesh], receiver:
 
 
 def test_demo_prints_trace_ids_that_reach_the_receiver(receiver: OtlpReceiver, tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[2]
-    text = (root / "pipeline.toml").read_text()
-    for port in (*range(50051, 50056), *range(9101, 9106)):
-        text = text.replace(f"port = {port}", "port = 0")
-    config = tmp_path / "pipeline.toml"
-    config.write_text(text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))} | otel_env(receiver)
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("orchestrator")), "demo", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
+    done = run_demo(free_port_config(tmp_path), clean_env(**otel_env(receiver)), timeout_s=120)
     assert done.returncode == 0, done.stdout + done.stderr
     trace_ids = re.findall(r"^  trace ([0-9a-f]{32})$", done.stdout, flags=re.MULTILINE)
     assert len(set(trace_ids)) == 10
