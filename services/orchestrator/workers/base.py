@@ -50,22 +50,27 @@ def build_worker(
     on_breaker_change: Callable[[bool], None] | None = None,
 ) -> ModelWorker:
     """The worker ``cfg.kind`` names. Workers that call a backend get retries and a circuit breaker."""
-    from orchestrator.workers.echo import EchoWorker
-    from orchestrator.workers.openai import OpenAIWorker, read_api_key
-    from orchestrator.workers.remote import RemoteWorker
-    from orchestrator.workers.resilient import CircuitBreaker, ResilientWorker
-
+    # Imported per kind: a stage pays (in start-up time and memory) only for the client it uses.
+    worker: ModelWorker
     if cfg.kind == "echo":
-        worker: ModelWorker = EchoWorker(cfg.echo)
+        from orchestrator.workers.echo import EchoWorker
+
+        worker = EchoWorker(cfg.echo)
         if cfg.name:
             worker.name = cfg.name
         return worker
     if cfg.kind == "openai":
+        from orchestrator.workers.openai import OpenAIWorker, read_api_key
+
         worker = OpenAIWorker(cfg.openai, read_api_key(cfg.openai, dict(os.environ if env is None else env)))
     elif cfg.kind == "remote":
+        from orchestrator.workers.remote import RemoteWorker
+
         worker = RemoteWorker(cfg.remote.address)
     else:
         raise ValueError(f"unknown worker kind {cfg.kind!r}; known: echo, openai, remote")
+    from orchestrator.workers.resilient import CircuitBreaker, ResilientWorker
+
     breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s, on_breaker_change, telemetry)
     return ResilientWorker(
         worker,
