@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,18 +94,50 @@ class _Tracing:
         span.end()
 
 
+def channel_options(retries: int, options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """Channel options; with ``retries`` > 0, gRPC's own retry policy for sheds and unavailable stages.
+
+    The mesh sheds before sending any message, which is exactly when gRPC may retry a stream
+    transparently, and it honours the ``grpc-retry-pushback-ms`` hint the shedding stage sends.
+    """
+    out = list(options)
+    if retries > 0:
+        policy = {
+            "methodConfig": [
+                {
+                    "name": [{"service": SUBMIT_SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+        out += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(policy))]
+    return out
+
+
 class AsyncOrchestratorClient:
     """grpc.aio client of the mesh's edge (the Stream stage).
 
-    Pass an OpenTelemetry ``tracer_provider`` to wrap each call in a CLIENT span whose
-    trace the mesh joins.
+    ``retries`` (0-4) lets gRPC retry a request the mesh shed or could not route, before any chunk
+    arrived, waiting as long as the shedding stage asked. Pass an OpenTelemetry ``tracer_provider``
+    to wrap each call in a CLIENT span whose trace the mesh joins.
     """
 
     def __init__(
-        self, target: str, *, options: Sequence[tuple[str, Any]] = (), tracer_provider: Any | None = None
+        self,
+        target: str,
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: Any | None = None,
+        retries: int = 0,
     ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries, options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
         self._tracing = _Tracing(tracer_provider)
 
@@ -159,10 +192,15 @@ class OrchestratorClient:
     """Blocking client of the mesh's edge, for scripts and notebooks."""
 
     def __init__(
-        self, target: str, *, options: Sequence[tuple[str, Any]] = (), tracer_provider: Any | None = None
+        self,
+        target: str,
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: Any | None = None,
+        retries: int = 0,
     ) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._channel = grpc.insecure_channel(target, options=channel_options(retries, options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
         self._tracing = _Tracing(tracer_provider)
 

@@ -38,7 +38,7 @@ async def _submit(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     first_ms = None
-    async with AsyncOrchestratorClient(args.target) as client:
+    async with AsyncOrchestratorClient(args.target, retries=args.retries) as client:
         try:
             async for chunk in client.submit_request(request, timeout=args.timeout):
                 if first_ms is None:
@@ -85,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--meta", action="append", default=[], help="metadata key=value (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        choices=range(5),
+        metavar="0-4",
+        help="retry a shed or unroutable request, waiting as long as the mesh asks (default: 0)",
+    )
     p.add_argument("--json", action="store_true", help="print each chunk as one JSON line")
     args = parser.parse_args(argv)
     try:

@@ -193,3 +193,26 @@ async def test_deadline_shorter_than_the_work(slow_mesh: Mesh) -> None:
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 2.0
     poll(lambda: _idle_everywhere(slow_mesh), what="the worker and every stage to stop")
+
+
+async def test_client_retries_honour_the_shed_retry_hint(fresh_mesh) -> None:  # type: ignore[no-untyped-def]
+    m: Mesh = fresh_mesh(
+        ORCH_INFERENCE_QUEUE_CAPACITY="0",
+        ORCH_INFERENCE_CONCURRENCY="1",
+        ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="30",
+    )
+    async with AsyncOrchestratorClient(m.entry) as plain, AsyncOrchestratorClient(m.entry, retries=4) as retrying:
+        await plain.complete("warm up", session="w", max_tokens=5)  # the stage learns how long a request holds a slot
+
+        async def burst(client: AsyncOrchestratorClient) -> list[object]:
+            calls = [client.complete(f"retry {i}", session=f"r{i}", max_tokens=5, timeout=30) for i in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        without = await burst(plain)
+        sheds = [r for r in without if isinstance(r, OrchestratorRpcError)]
+        assert len(sheds) == 2
+        hint = sheds[0].retry_after_s
+        assert hint is not None and 0.05 < hint < 1.0  # about one request's slot time (~120 ms)
+        with_retries = await burst(retrying)
+    assert not [r for r in with_retries if isinstance(r, BaseException)]  # gRPC retried after the pushback
+    assert stage_status(m.address("inference")).counters.shed >= 4

@@ -117,7 +117,10 @@ class Admission:
 
     def _release(self, held_s: float, *, count: bool = True) -> None:
         if count:
-            self._mean_hold_s += _EWMA_WEIGHT * (held_s - self._mean_hold_s)
+            if self._mean_hold_s == 0.0:
+                self._mean_hold_s = held_s  # the first sample, rather than a long climb from zero
+            else:
+                self._mean_hold_s += _EWMA_WEIGHT * (held_s - self._mean_hold_s)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
