@@ -116,6 +116,46 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from orchestrator.v1 import admin_pb2, admin_pb2_grpc
+
+    if args.addresses:
+        targets = list(args.addresses)
+    else:
+        try:
+            cfg = load_config(_config_path(args.config))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        targets = [addr for name in STAGES for addr in cfg.stage(name).addresses()]
+    print(
+        f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'admitted':>9} {'shed':>7} {'ok':>8} "
+        f"{'failed':>7} {'cancel':>7}  worker"
+    )
+    failed = 0
+    for address in targets:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                s = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=2)
+            except grpc.RpcError as err:
+                print(f"{'?':<10} {address:<22} {err.code().name}")
+                failed += 1
+                continue
+        q, c = s.queue, s.counters
+        worker = (
+            f"{s.worker.name} ({s.worker.active} generating, {s.worker.tokens_generated} tokens)"
+            if s.worker.name
+            else ""
+        )
+        print(
+            f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {f'{q.active}/{q.concurrency}':>9} "
+            f"{c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.failed:>7} {c.cancelled:>7}  {worker}"
+        )
+    return 1 if failed else 0
+
+
 def _health(address: str, timeout_s: float) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -158,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
     p = sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
     p.add_argument("--metrics", action="store_true", help="list the Prometheus metrics instead")
+    p = sub.add_parser("status", help="queue, counters and worker of every stage (AdminService/GetStatus)")
+    p.add_argument("--config", help=f"pipeline TOML with the stage addresses (default: ./{DEFAULT_CONFIG} if present)")
+    p.add_argument("addresses", nargs="*", help="host:port of stages to ask instead of the configured ones")
     p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
@@ -191,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "status":
+        return _status(args)
     if args.command == "health":
         return _health(args.address, args.timeout)
     if args.command == "stage":

@@ -111,3 +111,20 @@ def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.mesh
+def test_status_shows_every_stage(mesh: Mesh) -> None:
+    with OrchestratorClient(mesh.entry) as client:
+        client.complete("count me", session="status", max_tokens=2)
+    done = run(
+        str(BIN / "orchestrator"),
+        "status",
+        *(mesh.address(s) for s in ("rag", "assemble", "inference", "post", "stream")),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["rag", "assemble", "inference", "post", "stream"]
+    assert "echo (0 generating" in lines[3]
+    down = run(str(BIN / "orchestrator"), "status", "127.0.0.1:1")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stdout
