@@ -136,13 +136,8 @@ class StageRuntime:
                     yield message
             outcome = "ok"
             self.outcomes.ok += 1
-        except GeneratorExit:
-            # gRPC closed the handler instead of cancelling it (the caller went away between messages).
-            outcome = self._cancel_outcome(context)
-            self.outcomes.cancelled += 1
-            mark_span(span, "CANCELLED", "the caller went away", event=outcome)
-            raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled, or closed by gRPC between messages: either way the caller went away.
             outcome = self._cancel_outcome(context)
             self.outcomes.cancelled += 1
             code = "DEADLINE_EXCEEDED" if outcome == "deadline" else "CANCELLED"
