@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEADLINE_SLACK_S = 0.05
+SHED_LOG_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -55,6 +56,8 @@ class StageRuntime:
         self.admission = Admission(stage, capacity, concurrency, self.telemetry)
         self.outcomes = Outcomes()
         self.draining = False
+        self._sheds_unlogged = 0
+        self._shed_logged_at = -SHED_LOG_INTERVAL_S
         self._in_flight = 0
         self._idle = asyncio.Event()
         self.telemetry.set_queue_limits(stage, capacity, concurrency)
@@ -150,14 +153,7 @@ class StageRuntime:
             event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
             mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
             span.set_attribute("orchestrator.failed_stage", err.stage)
-            log.warning(
-                "stage=%s request=%s %s: %s (from %s)",
-                self.stage,
-                request.request_id,
-                err.code.name,
-                err.message,
-                err.stage,
-            )
+            self._log_error(request.request_id, err, outcome)
             status = to_status(err)
             await context.abort(status.code, status.details, status.trailing_metadata)
         except Exception as exc:
@@ -182,6 +178,29 @@ class StageRuntime:
             span.end()
             if token is not None:
                 otel_context.detach(token)
+
+    def _log_error(self, request_id: str, err: OrchestratorError, outcome: str) -> None:
+        """The stage where an error started logs it; stages it passes through only at DEBUG. Sheds are
+        summarised (one line a second with a count): under overload a line per shed costs CPU the
+        admitted requests need."""
+        if err.stage != self.stage:
+            log.debug("stage=%s request=%s %s from the %s stage", self.stage, request_id, err.code.name, err.stage)
+            return
+        if outcome != "shed":
+            log.warning("stage=%s request=%s %s: %s", self.stage, request_id, err.code.name, err.message)
+            return
+        self._sheds_unlogged += 1
+        now = time.monotonic()
+        if now - self._shed_logged_at >= SHED_LOG_INTERVAL_S:
+            log.warning(
+                "stage=%s shed %d request(s) in the last %.0f s: %s",
+                self.stage,
+                self._sheds_unlogged,
+                min(now - self._shed_logged_at, 999),
+                err.message,
+            )
+            self._sheds_unlogged = 0
+            self._shed_logged_at = now
 
     def _error_outcome(self, err: OrchestratorError) -> str:
         if err.reason == "OVERLOADED":
