@@ -73,6 +73,9 @@ def describe_metrics() -> str:
     return "\n".join(rows)
 
 
+_LABELS = {spec.name: spec.labels for spec in METRICS}
+
+
 class Metrics:
     """Prometheus instruments on an explicit registry, mirrored to OTLP when a meter is given."""
 
@@ -108,8 +111,7 @@ class Metrics:
         return child
 
     def _otel_attrs(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
-        spec = next(s for s in METRICS if s.name == name)
-        return dict(zip(spec.labels, labels, strict=True))
+        return dict(zip(_LABELS[name], labels, strict=True))
 
     def inc(self, name: str, labels: tuple[str, ...], value: float = 1.0) -> None:
         self._child(name, labels).inc(value)
