@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 
+from orchestrator.runtime.server import write_ready_file
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
@@ -32,17 +31,12 @@ class HopServicer(stages_pb2_grpc.StreamServiceServicer):
         yield last
 
 
-def _write_ready(path: str, address: str) -> None:
-    Path(path + ".tmp").write_text(json.dumps({"address": address}))
-    Path(path + ".tmp").replace(path)
-
-
 async def _serve(ready_file: str) -> None:
     server = grpc.aio.server()
     stages_pb2_grpc.add_StreamServiceServicer_to_server(HopServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    _write_ready(ready_file, f"127.0.0.1:{port}")
+    write_ready_file(ready_file, "hop", f"127.0.0.1:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

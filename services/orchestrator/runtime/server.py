@@ -194,15 +194,10 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     return running
 
 
-def _write_ready_file(path: str, running: RunningStage) -> None:
+def write_ready_file(path: str, stage: str, address: str, metrics_address: str = "") -> None:
     """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
+    info = {"stage": stage, "address": address, "metrics_address": metrics_address, "pid": os.getpid()}
     tmp = Path(f"{path}.tmp")
-    info = {
-        "stage": running.app.name,
-        "address": running.address,
-        "metrics_address": running.metrics_address,
-        "pid": os.getpid(),
-    }
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
@@ -222,7 +217,7 @@ async def serve(
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
     log.info("stage=%s listening on %s (metrics %s)", app.name, running.address, running.metrics_address or "off")
     if ready_file:
-        _write_ready_file(ready_file, running)
+        write_ready_file(ready_file, app.name, running.address, running.metrics_address)
     running.admin.reload_config = lambda: load_config(config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import ConfigError, WorkerConfig, load_config
 from orchestrator.errors import OrchestratorError, to_status
 from orchestrator.pipeline.inference import WorkerStats, monitored
-from orchestrator.runtime.server import ADMIN_SERVICE, configure_logging
+from orchestrator.runtime.server import ADMIN_SERVICE, configure_logging, write_ready_file
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from orchestrator.workers.base import GenerationRequest, ModelWorker, build_worker
 
@@ -88,7 +87,7 @@ async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None)
     address = f"{host}:{bound}"
     log.info("worker server (%s) listening on %s", worker.name, address)
     if ready_file:
-        _write_ready(ready_file, address)
+        write_ready_file(ready_file, "worker", address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,14 +96,6 @@ async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(5)
     await worker.close()
-
-
-def _write_ready(path: str, address: str) -> None:
-    import json
-    import os
-
-    Path(f"{path}.tmp").write_text(json.dumps({"stage": "worker", "address": address, "pid": os.getpid()}))
-    Path(f"{path}.tmp").replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
