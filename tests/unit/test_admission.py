@@ -80,3 +80,37 @@ async def test_zero_capacity_sheds_whenever_all_slots_are_busy() -> None:
 def test_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError):
         Admission("x", capacity=1, concurrency=0)
+
+
+async def test_random_arrivals_cancels_and_releases_keep_the_invariants() -> None:
+    import random
+
+    rng = random.Random(7)
+    adm = Admission("x", capacity=5, concurrency=3)
+    slots: list[Slot] = []
+    waiters: list[asyncio.Task[Slot]] = []
+    shed = 0
+    for _ in range(2000):
+        action = rng.random()
+        if action < 0.45:
+            task = asyncio.create_task(adm.acquire())
+            await asyncio.sleep(0)
+            if task.done() and task.exception() is not None:
+                assert isinstance(task.exception(), Overloaded)
+                shed += 1
+            else:
+                waiters.append(task)
+        elif action < 0.8 and slots:
+            slots.pop(rng.randrange(len(slots))).release()
+        elif waiters:
+            waiters.pop(rng.randrange(len(waiters))).cancel()
+        await asyncio.sleep(0)
+        for task in [t for t in waiters if t.done()]:
+            waiters.remove(task)
+            if not task.cancelled():
+                slots.append(task.result())
+        assert adm.active == len(slots) <= adm.concurrency
+        assert adm.waiting <= adm.capacity
+        assert adm.waiting == sum(1 for t in waiters if not t.done())
+        assert adm.active == adm.concurrency or adm.waiting == 0  # never idle slots while someone waits
+    assert adm.stats.shed == shed

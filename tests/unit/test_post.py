@@ -131,3 +131,18 @@ async def test_stream_without_completion_is_an_error() -> None:
     up = Upstream([types_pb2.InferenceOutput(tokens=["x"])])
     with pytest.raises(OtherError, match="without a completion"):
         _ = [o async for o in process(request, up, Scope("post", "r"))]
+
+
+def test_stop_scanner_agrees_with_a_whole_text_search_for_any_split() -> None:
+    import random
+
+    rng = random.Random(42)
+    alphabet = "ab <>/x"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        expected = (text[: min(hits)], True) if hits else (text, False)
+        assert scan_all(stops, pieces) == expected, (text, stops, pieces)
