@@ -70,7 +70,9 @@ async def _submit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="orchestrator-client", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="orchestrator-client", description="Stream a completion from the mesh to the terminal."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", help="stream one completion to stdout (summary on stderr)")
     p.add_argument("input", help="the prompt input text")

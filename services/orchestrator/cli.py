@@ -185,7 +185,9 @@ def _run_stage(module: object, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="orchestrator", description="Run the mesh, its demo or one stage; check configuration; benchmark."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help in (
         ("demo", "start the mesh, send 10 demo requests, print answers and a summary, stop"),
