@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
+
+from orchestrator.bench.otlp_sink import OtlpSink
 
 
 def _value(v: common_pb2.AnyValue) -> Any:
@@ -35,50 +34,41 @@ class ReceivedSpan:
         return [name for name, _ in self.events]
 
 
-@dataclass
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    spans: list[ReceivedSpan] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    server: Any = None
-    endpoint: str = ""
+class OtlpReceiver(OtlpSink):
+    """The project's OTLP sink, keeping every span it receives."""
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any) -> Any:
-        with self.lock:
-            for rs in request.resource_spans:
-                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    for s in ss.spans:
-                        self.spans.append(
-                            ReceivedSpan(
-                                service=str(resource.get("service.name", "")),
-                                name=s.name,
-                                kind=s.kind,
-                                trace_id=s.trace_id.hex(),
-                                span_id=s.span_id.hex(),
-                                parent_span_id=s.parent_span_id.hex(),
-                                attributes={a.key: _value(a.value) for a in s.attributes},
-                                events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
-                                status_code=s.status.code,
-                                status_message=s.status.message,
-                            )
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[ReceivedSpan] = []
+
+    def receive(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        for rs in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.spans.append(
+                        ReceivedSpan(
+                            service=str(resource.get("service.name", "")),
+                            name=s.name,
+                            kind=s.kind,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
+                            status_code=s.status.code,
+                            status_message=s.status.message,
                         )
-        return trace_service_pb2.ExportTraceServiceResponse()
+                    )
 
     def start(self) -> OtlpReceiver:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.endpoint = f"http://127.0.0.1:{port}"
+        super().start()
         return self
 
-    def stop(self) -> None:
-        self.server.stop(0)
-
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
-        with self.lock:
+        with self._lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
     def snapshot(self) -> list[ReceivedSpan]:
-        with self.lock:
+        with self._lock:
             return list(self.spans)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.runtime.server import write_ready_file
+from orchestrator.runtime.server import wait_for_stop_signal, write_ready_file
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
@@ -37,11 +36,7 @@ async def _serve(ready_file: str) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready_file(ready_file, "hop", f"127.0.0.1:{port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.stop(1)
 
 

@@ -80,12 +80,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
         out = self._app.runtime.status()
-        stats = self._app.worker_stats
-        if stats is not None:
-            out.worker.name = self._app.worker_name()
-            out.worker.active = stats.active
-            out.worker.tokens_generated = stats.tokens_generated
-            out.worker.last_generation_end_unix_nanos = stats.last_generation_end_unix_nanos
+        if self._app.worker_stats is not None:
+            fill_worker_status(out.worker, self._app.worker_name(), self._app.worker_stats)
         return out
 
 
@@ -168,26 +164,69 @@ class RunningStage:
         self.metrics_address = f"{host}:{server.server_port}"
 
 
-async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
-    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
+def fill_worker_status(out: admin_pb2.WorkerStatus, name: str, stats: WorkerStats) -> None:
+    out.name = name
+    out.active = stats.active
+    out.tokens_generated = stats.tokens_generated
+    out.last_generation_end_unix_nanos = stats.last_generation_end_unix_nanos
+
+
+def new_server() -> grpc.aio.Server:
     # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    app.register(server)
-    admin = AdminServicer(app)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    return grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
+    """The stock async health service, and reflection over ``service_names`` plus health and admin."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*app.service_names, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*service_names, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    return health_servicer
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> str:
+    """Listen on ``host:port`` (0: a free port) and return the real address, or raise OSError saying why not."""
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
-        raise OSError(f"{app.name} stage cannot listen on {host}:{port}: {exc}") from None
+        raise OSError(f"{what} cannot listen on {host}:{port}: {exc}") from None
     if bound == 0:
-        raise OSError(f"{app.name} stage cannot listen on {host}:{port} (port in use?)")
+        raise OSError(f"{what} cannot listen on {host}:{port} (port in use?)")
+    return f"{host}:{bound}"
+
+
+async def wait_for_stop_signal(on_hup: Callable[[], None] | None = None) -> None:
+    """Return on SIGTERM or SIGINT; ``on_hup`` (if given) runs on SIGHUP."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+
+
+def load_config_or_report(path: str | None, prog: str) -> MeshConfig | None:
+    """The config, or None after printing every problem (the caller exits with status 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+
+
+async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
+    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
+    server = new_server()
+    app.register(server)
+    admin = AdminServicer(app)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    health_servicer = add_health_and_reflection(server, app.service_names)
+    address = bind(server, host, port, f"{app.name} stage")
     await server.start()
-    running = RunningStage(app, server, health_servicer, f"{host}:{bound}", admin)
+    running = RunningStage(app, server, health_servicer, address, admin)
     await running.set_serving(True)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     app.readiness_listener = running.set_serving_soon
@@ -219,13 +258,7 @@ async def serve(
     if ready_file:
         write_ready_file(ready_file, app.name, running.address, running.metrics_address)
     running.admin.reload_config = lambda: load_config(config_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if app.reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.reload_in_background)
-    await stop.wait()
+    await wait_for_stop_signal(running.reload_in_background if app.reload is not None else None)
     log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
     await running.stop(cfg.server.drain_grace_s)
     log.info("stage=%s stopped", app.name)
@@ -250,10 +283,8 @@ def run_stage_main(
     parser.add_argument("--config", help="pipeline TOML file (default: $ORCH_CONFIG, else built-in defaults)")
     parser.add_argument("--ready-file", help="write {stage, address, pid} as JSON here once serving")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, name)
+    if cfg is None:
         return 2
     configure_logging(cfg.server.log_level, name)
     try:

@@ -5,18 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from orchestrator.config import ConfigError, WorkerConfig, load_config
+from orchestrator.config import WorkerConfig
 from orchestrator.errors import OrchestratorError, to_status
 from orchestrator.pipeline.inference import WorkerStats, monitored
-from orchestrator.runtime.server import ADMIN_SERVICE, configure_logging, write_ready_file
+from orchestrator.runtime.server import (
+    add_health_and_reflection,
+    bind,
+    configure_logging,
+    fill_worker_status,
+    load_config_or_report,
+    new_server,
+    wait_for_stop_signal,
+    write_ready_file,
+)
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from orchestrator.workers.base import GenerationRequest, ModelWorker, build_worker
 
@@ -62,37 +69,25 @@ class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
         out = admin_pb2.GetStatusResponse(stage="worker")
-        out.worker.name = self._name
-        out.worker.active = self._stats.active
-        out.worker.tokens_generated = self._stats.tokens_generated
-        out.worker.last_generation_end_unix_nanos = self._stats.last_generation_end_unix_nanos
+        fill_worker_status(out.worker, self._name, self._stats)
         return out
 
 
 async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None) -> None:
     worker = build_worker(cfg)
     stats = WorkerStats()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = new_server()
     worker_pb2_grpc.add_ModelWorkerServiceServicer_to_server(WorkerServicer(worker, stats), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(WorkerAdmin(worker.name, stats), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (WORKER_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    health_servicer = add_health_and_reflection(server, (WORKER_SERVICE,))
+    address = bind(server, host, port, "worker server")
     await server.start()
     for name in ("", WORKER_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{bound}"
     log.info("worker server (%s) listening on %s", worker.name, address)
     if ready_file:
         write_ready_file(ready_file, "worker", address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(5)
     await worker.close()
@@ -108,16 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=50060, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--ready-file", help="write {stage, address, pid} as JSON here once serving")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"worker-server: {exc}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, "worker-server")
+    if cfg is None:
         return 2
     if cfg.inference.worker.kind == "remote":
         print("worker-server: inference.worker.kind must name a local worker, not remote", file=sys.stderr)
         return 2
     configure_logging(cfg.server.log_level, "worker")
-    asyncio.run(serve(cfg.inference.worker, args.host, args.port, args.ready_file))
+    try:
+        asyncio.run(serve(cfg.inference.worker, args.host, args.port, args.ready_file))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
