@@ -42,13 +42,16 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert {"latency_ttfc_n1", "idle_rss", "cancel_p99"} <= set(results["targets"])
     runs = {(r["target"], r["tokens"]) for r in results["runs"]}
-    assert runs == {("mesh", 1), ("mesh", 128), ("single-hop floor", 1), ("single-hop floor", 128)}
+    assert runs == {(t, n) for t in ("mesh", "single-hop floor", "bare chain floor") for n in (1, 128)}
+    assert set(results["extra"]["shape"]["ttfc_n1"]) >= {"chain_over_hop", "mesh_over_chain"}
     for run in results["runs"]:
         assert run["ok"] > 0 and run["errors"] == 0
         assert run["ttfc_ms"]["50"] is not None
     assert results["extra"]["cancel_stop_ms"]["trials"] >= 5
     assert (out / "latency_cdf.png").stat().st_size > 1000
-    assert "| time to first chunk p50" in (tmp_path / "published" / "results.md").read_text()
+    published = (tmp_path / "published" / "results.md").read_text()
+    assert "| time to first chunk p50" in published
+    assert "## What the call shape costs" in published
     assert "[####################]" in done.stderr  # the progress display
 
 

@@ -1,6 +1,11 @@
-"""The single-hop floor: one bare grpc.aio server-streaming hop that yields N tokens, one per message.
+"""Floors built from bare grpc.aio hops, with none of the mesh's logic.
 
-It serves the same ``StreamService/Submit`` as the mesh's edge, so the same client measures both.
+On its own, a process here is the single-hop floor: one server-streaming hop that yields N tokens,
+one per message. Given ``--next``, it is one link of the bare chain floor: it relays the request's
+bytes to the next process and the answers' bytes back, parsing nothing. Five processes chained this
+way are what the mesh's five stages would cost if the stages did nothing but call each other.
+
+Both serve the same ``StreamService/Submit`` as the mesh's edge, so the same client measures all.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from orchestrator.runtime.server import wait_for_stop_signal, write_ready_file
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
+SUBMIT = "/orchestrator.v1.StreamService/Submit"
 
 
 class HopServicer(stages_pb2_grpc.StreamServiceServicer):
@@ -30,20 +36,49 @@ class HopServicer(stages_pb2_grpc.StreamServiceServicer):
         yield last
 
 
-async def _serve(ready_file: str) -> None:
+class RelayHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Relays ``Submit`` as bytes to the next link: the cost of a hop and nothing else."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._next = channel.unary_stream(SUBMIT)  # no (de)serializers: bytes pass through
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method == SUBMIT:
+            return grpc.unary_stream_rpc_method_handler(self._relay)
+        return None
+
+    async def _relay(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = self._next(request, timeout=context.time_remaining())
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                yield message
+        finally:
+            call.cancel()
+
+
+async def _serve(ready_file: str, next_address: str | None) -> None:
     server = grpc.aio.server()
-    stages_pb2_grpc.add_StreamServiceServicer_to_server(HopServicer(), server)
+    channel = None
+    if next_address:
+        channel = grpc.aio.insecure_channel(next_address)
+        server.add_generic_rpc_handlers((RelayHandler(channel),))
+    else:
+        stages_pb2_grpc.add_StreamServiceServicer_to_server(HopServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready_file(ready_file, "hop", f"127.0.0.1:{port}")
     await wait_for_stop_signal()
     await server.stop(1)
+    if channel is not None:
+        await channel.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ready-file", required=True)
-    asyncio.run(_serve(parser.parse_args().ready_file))
+    parser.add_argument("--next", help="relay to this address (a link of the bare chain)")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.ready_file, args.next))
 
 
 if __name__ == "__main__":

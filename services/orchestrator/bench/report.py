@@ -32,6 +32,24 @@ def markdown(results: dict[str, Any], command: str) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         lines.append(f"| {t['name']} | {_fmt(t['value'])} | {sign} {_fmt(t['target'])} | {met} |")
     extra = results["extra"]
+    if extra.get("shape"):
+        lines += [
+            "",
+            "## What the call shape costs",
+            "",
+            "The bare chain floor is five grpc.aio processes that relay each request's bytes to the next and the",
+            "answers' bytes back, with no logic at all: the least any implementation of this five-process",
+            "server-streaming chain can cost on this machine. Where the bare chain itself misses a target, no work",
+            "inside the stages can meet it.",
+            "",
+            "| measure | bare chain / single hop | mesh / single hop | mesh / bare chain |",
+            "|---|---|---|---|",
+        ]
+        for row in extra["shape"].values():
+            lines.append(
+                f"| {row['name']} | {_fmt(row['chain_over_hop'])} | {_fmt(row['mesh_over_hop'])} "
+                f"| {_fmt(row['mesh_over_chain'])} |"
+            )
     if "cancel_stop_ms" in extra:
         c = extra["cancel_stop_ms"]
         lines += [

@@ -27,6 +27,9 @@ from orchestrator.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, build_request
 
 # Long enough that the echo worker always has more tokens than any preset asks for.
+SINGLE_HOP = "single-hop floor"
+BARE_CHAIN = "bare chain floor"
+
 BENCH_INPUT = "How do bounded queues and load shedding keep streaming latency low under overload? " + " ".join(
     f"word{i}" for i in range(200)
 )
@@ -78,14 +81,18 @@ class MeshTarget(GrpcTarget):
 
 
 class HopTarget(GrpcTarget):
-    def __init__(self, proc: subprocess.Popen[bytes], address: str) -> None:
-        super().__init__("single-hop floor", address, {"hop": proc.pid})
-        self.proc = proc
+    """Bare grpc.aio processes: one (the single-hop floor) or a relay chain (the bare chain floor)."""
+
+    def __init__(self, name: str, procs: list[subprocess.Popen[bytes]], address: str) -> None:
+        super().__init__(name, address, {f"hop{i}": proc.pid for i, proc in enumerate(procs)})
+        self.procs = procs
 
     async def close(self) -> None:
         await super().close()
-        self.proc.terminate()
-        await asyncio.to_thread(self.proc.wait, 10)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            await asyncio.to_thread(proc.wait, 10)
 
 
 class LocalTarget(Target):
@@ -116,21 +123,39 @@ async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
     return MeshTarget(mesh)
 
 
-async def start_hop(run_dir: Path) -> HopTarget:
+async def _start_hop_process(run_dir: Path, next_address: str | None) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
-    proc = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready)]
-    )
+    argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready)]
+    if next_address:
+        argv += ["--next", next_address]
+    proc = await asyncio.to_thread(subprocess.Popen, argv)
     deadline = time.monotonic() + 30
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the single-hop floor server did not start")
+            proc.kill()
+            raise RuntimeError("a floor server did not start")
         await asyncio.sleep(0.02)
     address = json.loads(ready.read_text())["address"]
     # The hop server has no health service: a channel that connects is enough.
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-    return HopTarget(proc, address)
+    return proc, address
+
+
+async def start_hop(run_dir: Path, links: int = 1) -> HopTarget:
+    """The single-hop floor (``links=1``) or the bare chain floor (``links`` processes relaying to the last)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    address: str | None = None
+    try:
+        for _ in range(links):
+            proc, address = await _start_hop_process(run_dir, address)
+            procs.append(proc)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    assert address is not None
+    return HopTarget(SINGLE_HOP if links == 1 else BARE_CHAIN, procs, address)
 
 
 # -- summaries -----------------------------------------------------------------------------------
@@ -255,26 +280,43 @@ class Context:
         }
 
 
+def _floors_of_the_shape(
+    ctx: Context, key: str, name: str, mesh: float | None, chain: float | None, hop: float | None
+) -> None:
+    """What the call shape alone costs: the bare chain against the single hop, and the mesh against the bare chain."""
+    ctx.extra.setdefault("shape", {})[key] = {
+        "name": name,
+        "mesh_over_hop": ratio(mesh, hop),
+        "chain_over_hop": ratio(chain, hop),
+        "mesh_over_chain": ratio(mesh, chain),
+    }
+
+
 async def scenario_latency(ctx: Context) -> None:
     hop = await start_hop(ctx.run_dir)
+    chain = await start_hop(ctx.run_dir, links=len(STAGES))
     mesh = await start_mesh_target(ctx.run_dir / "latency", {})
     ctx.extra["idle_rss_mb"] = {k: v["rss_mb"] for k, v in rss(mesh).items()}
     try:
         for tokens in (1, 128):
-            for target in (hop, mesh):
+            for target in (hop, chain, mesh):
                 ctx.runs.append(
                     await measure("latency", target, tokens=tokens, concurrency=1, duration_s=ctx.d(4), warmup_s=1)
                 )
     finally:
         await mesh.close()
+        await chain.close()
         await hop.close()
-    by = {(r["target"], r["tokens"]): r for r in ctx.runs if r["scenario"] == "latency"}
+    by = {(r["target"], r["tokens"]): r["ttfc_ms"][50] for r in ctx.runs if r["scenario"] == "latency"}
     ctx.target(
         "latency_ttfc_n1",
         "time to first chunk p50, N=1, C=1: mesh / single hop",
-        ratio(by[("mesh", 1)]["ttfc_ms"][50], by[("single-hop floor", 1)]["ttfc_ms"][50]),
+        ratio(by[("mesh", 1)], by[(SINGLE_HOP, 1)]),
         5.0,
         False,
+    )
+    _floors_of_the_shape(
+        ctx, "ttfc_n1", "time to first chunk p50, N=1, C=1", by[("mesh", 1)], by[(BARE_CHAIN, 1)], by[(SINGLE_HOP, 1)]
     )
     idle = ctx.extra["idle_rss_mb"]
     ctx.target("idle_rss", "idle RSS of the largest stage process (MB)", max(idle.values()), 50.0, False)
@@ -282,11 +324,14 @@ async def scenario_latency(ctx: Context) -> None:
 
 async def scenario_throughput(ctx: Context) -> None:
     hop = await start_hop(ctx.run_dir)
+    chain = await start_hop(ctx.run_dir, links=len(STAGES))
     mesh = await start_mesh_target(ctx.run_dir / "throughput", {})
     try:
         for tokens in (1, 16, 128):
             for concurrency in (16, 64):
-                for target in (hop, mesh):
+                # The bare chain only where a target is judged: it costs as long as the others.
+                targets = (hop, chain, mesh) if concurrency == 64 and tokens != 16 else (hop, mesh)
+                for target in targets:
                     ctx.runs.append(
                         await measure(
                             "throughput",
@@ -300,22 +345,23 @@ async def scenario_throughput(ctx: Context) -> None:
         ctx.extra["throughput_peak_rss_mb"] = rss(mesh)
     finally:
         await mesh.close()
+        await chain.close()
         await hop.close()
     by = {(r["target"], r["tokens"], r["concurrency"]): r for r in ctx.runs if r["scenario"] == "throughput"}
+    rps = {t: by[(t, 1, 64)]["rps"] for t in ("mesh", BARE_CHAIN, SINGLE_HOP)}
+    tps = {t: by[(t, 128, 64)]["tokens_per_s"] for t in ("mesh", BARE_CHAIN, SINGLE_HOP)}
     ctx.target(
-        "throughput_n1_c64",
-        "requests/s, N=1, C=64: mesh / single hop",
-        ratio(by[("mesh", 1, 64)]["rps"], by[("single-hop floor", 1, 64)]["rps"]),
-        0.2,
-        True,
+        "throughput_n1_c64", "requests/s, N=1, C=64: mesh / single hop", ratio(rps["mesh"], rps[SINGLE_HOP]), 0.2, True
     )
     ctx.target(
         "relay_n128_c64",
         "tokens/s, N=128, C=64: mesh / single hop (one token per message)",
-        ratio(by[("mesh", 128, 64)]["tokens_per_s"], by[("single-hop floor", 128, 64)]["tokens_per_s"]),
+        ratio(tps["mesh"], tps[SINGLE_HOP]),
         2.0,
         True,
     )
+    _floors_of_the_shape(ctx, "rps_n1_c64", "requests/s, N=1, C=64", rps["mesh"], rps[BARE_CHAIN], rps[SINGLE_HOP])
+    _floors_of_the_shape(ctx, "tps_n128_c64", "tokens/s, N=128, C=64", tps["mesh"], tps[BARE_CHAIN], tps[SINGLE_HOP])
 
 
 MODEL_BOUND = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20", "ORCH_INFERENCE_WORKER_ECHO_TTFT_MS": "20"}
