@@ -202,6 +202,10 @@ class ServerConfig:
     drain_grace_s: float = _f(10.0, "on SIGTERM, how long in-flight streams may finish")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
     trace_text: bool = _f(False, "put the input text on the stream stage's span (user data: off by default)")
+    uvloop: bool = _f(True, "run each process's event loop on uvloop (false: asyncio's own loop)")
+    stage_links: bool = _f(
+        True, "call the next stage over one multiplexed stream per replica (false: one gRPC call per request)"
+    )
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ Both serve the same ``StreamService/Submit`` as the mesh's edge, so the same cli
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.runtime.server import wait_for_stop_signal, write_ready_file
+from orchestrator.runtime.server import run_loop, wait_for_stop_signal, write_ready_file
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
@@ -77,8 +76,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--next", help="relay to this address (a link of the bare chain)")
+    parser.add_argument(
+        "--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="run as the stages do (default uvloop)"
+    )
     args = parser.parse_args()
-    asyncio.run(_serve(args.ready_file, args.next))
+    run_loop(_serve(args.ready_file, args.next), args.event_loop == "uvloop")
 
 
 if __name__ == "__main__":

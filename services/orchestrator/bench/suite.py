@@ -125,7 +125,9 @@ async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
 
 async def _start_hop_process(run_dir: Path, next_address: str | None) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
-    argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready)]
+    # Floors run on the same event loop as the stages, so a ratio compares like with like.
+    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
+    argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready), "--event-loop", loop]
     if next_address:
         argv += ["--next", next_address]
     proc = await asyncio.to_thread(subprocess.Popen, argv)

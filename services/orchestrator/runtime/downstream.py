@@ -10,6 +10,7 @@ import grpc
 
 from orchestrator.affinity import rendezvous_order
 from orchestrator.errors import DeadlineExceeded, from_rpc_error
+from orchestrator.runtime.link import LinkClient
 from orchestrator.runtime.telemetry import Telemetry, mark_span
 from orchestrator.v1 import types_pb2
 
@@ -45,6 +46,7 @@ class Downstream(Generic[T]):
         method: Callable[[grpc.aio.Channel], Callable[..., Any]],
         rpc: str = "",
         telemetry: Telemetry | None = None,
+        link_output: Callable[[bytes], T] | None = None,
     ) -> None:
         if not addresses:
             raise ValueError(f"no address configured for the {stage} stage")
@@ -53,7 +55,16 @@ class Downstream(Generic[T]):
         self.addresses = tuple(addresses)
         self._telemetry = telemetry or Telemetry()
         self._channels = {addr: grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) for addr in self.addresses}
-        self._methods = {addr: method(channel) for addr, channel in self._channels.items()}
+        self._links: list[LinkClient[T]] = []
+        self._methods: dict[str, Callable[..., Any]] = {}
+        for addr, channel in self._channels.items():
+            if link_output is None:
+                self._methods[addr] = method(channel)
+            else:
+                # Over a stage link: same request, messages and statuses, no per-call gRPC cost.
+                link = LinkClient(channel, stage, link_output)
+                self._links.append(link)
+                self._methods[addr] = link
 
     async def stream(
         self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext | None = None
@@ -103,5 +114,7 @@ class Downstream(Generic[T]):
                 span.end()
 
     async def close(self) -> None:
+        for link in self._links:
+            await link.close()
         for channel in self._channels.values():
             await channel.close()

@@ -7,7 +7,7 @@ from typing import Any
 from orchestrator.config import MeshConfig
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.v1 import stages_pb2, stages_pb2_grpc
+from orchestrator.v1 import stages_pb2, stages_pb2_grpc, types_pb2
 
 # Each stage's service and its one streaming method.
 RPCS: dict[str, tuple[str, str]] = {
@@ -33,6 +33,12 @@ def downstream(callee: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream
     """A client of ``callee``'s replicas, as configured."""
     service, method = RPCS[callee]
     stub = getattr(stages_pb2_grpc, f"{service}Stub")
+    output = stages_pb2.DESCRIPTOR.services_by_name[service].methods_by_name[method].output_type
     return Downstream(
-        callee, cfg.stage(callee).addresses(), lambda ch: getattr(stub(ch), method), rpc_name(callee), telemetry
+        callee,
+        cfg.stage(callee).addresses(),
+        lambda ch: getattr(stub(ch), method),
+        rpc_name(callee),
+        telemetry,
+        link_output=getattr(types_pb2, output.name).FromString if cfg.server.stage_links else None,
     )

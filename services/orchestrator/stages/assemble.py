@@ -42,6 +42,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         runtime,
         register=lambda server: stages_pb2_grpc.add_AssembleServiceServicer_to_server(servicer, server),
         service_names=[service_name(NAME)],
+        handler=servicer.Assemble,
         closers=[rag.close],
     )
 

@@ -115,6 +115,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         runtime,
         register=lambda server: stages_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
         service_names=[service_name(NAME)],
+        handler=servicer.Infer,
         closers=[assemble.close, servicer.close],
         worker_stats=stats,
         worker_name=lambda: servicer.worker.name,

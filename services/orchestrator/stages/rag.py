@@ -41,6 +41,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         runtime,
         register=lambda server: stages_pb2_grpc.add_RagServiceServicer_to_server(servicer, server),
         service_names=[service_name(NAME)],
+        handler=servicer.Retrieve,
     )
 
 

@@ -50,6 +50,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         runtime,
         register=lambda server: stages_pb2_grpc.add_StreamServiceServicer_to_server(servicer, server),
         service_names=[service_name(NAME)],
+        handler=servicer.Submit,
         closers=[post.close],
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +20,7 @@ from orchestrator.runtime.server import (
     fill_worker_status,
     load_config_or_report,
     new_server,
+    run_loop,
     wait_for_stop_signal,
     write_ready_file,
 )
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(cfg.server.log_level, "worker")
     try:
-        asyncio.run(serve(cfg.inference.worker, args.host, args.port, args.ready_file))
+        run_loop(serve(cfg.inference.worker, args.host, args.port, args.ready_file), cfg.server.uvloop)
     except OSError as exc:
         log.error("%s", exc)
         return 1

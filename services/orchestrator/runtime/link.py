@@ -1,0 +1,407 @@
+"""Stage links: many calls to the next stage over one long-lived bidirectional stream.
+
+A gRPC call costs far more CPU than a message on a stream that is already open (the bench's
+bare chain floor shows the call shape alone missing the latency and throughput targets). A
+link keeps one ``LinkService/Open`` stream per caller process and callee replica and carries
+every call to that replica on it as frames (see ``protos/orchestrator/v1/link.proto``).
+
+A link call behaves like the callee's own RPC, on both sides:
+
+- the callee runs the stage's usual handler with a :class:`LinkContext` that answers what the
+  handler and the runtime ask of a ``grpc.aio.ServicerContext`` (metadata, remaining deadline,
+  done callbacks, abort), so admission, spans, metrics and error mapping are the same code;
+- the caller gets a :class:`LinkCall` with the ``read()``/``cancel()`` of a ``grpc.aio`` call,
+  which fails with a ``grpc.aio.AioRpcError`` carrying the callee's status and details, so
+  replica fallback and error pass-through are the same code too.
+
+Deadlines travel with the call and are enforced by the callee; a cancel frame stops the call at
+once; each call has its own credit-based flow control, so a slow reader holds back its own call
+and never the link. Frames that queue while a write is in flight go out together as one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from orchestrator.errors import STATUS_DETAILS_KEY
+from orchestrator.v1 import link_pb2, link_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Messages a callee may send on one call before the caller grants more; the caller grants
+# half a window at a time as it reads, so a reader that keeps up never makes the callee wait.
+WINDOW = 64
+# Frames per LinkFrames message: bounds one write while a backlog drains.
+MAX_BATCH = 512
+
+Handler = Callable[[types_pb2.PromptRequest, Any], AsyncIterator[Any]]
+
+
+class LinkAbort(Exception):
+    """Raised by :meth:`LinkContext.abort`: the call ends with this status."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: Sequence[tuple[str, str | bytes]]
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing_metadata = tuple(trailing_metadata)
+
+
+class _Outbox:
+    """Frames waiting to be written; whatever queued during a write goes out as the next message."""
+
+    def __init__(self, busy: Callable[[], bool]) -> None:
+        self._busy = busy
+        self._frames: list[link_pb2.LinkFrame] = []
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, frame: link_pb2.LinkFrame) -> None:
+        if not self.closed:
+            self._frames.append(frame)
+            self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def batches(self) -> AsyncIterator[link_pb2.LinkFrames]:
+        while True:
+            await self._ready.wait()
+            if self._busy():
+                # Let the other calls' ready work run first: their frames join this batch.
+                await asyncio.sleep(0)
+            self._ready.clear()
+            while self._frames:
+                batch = self._frames[:MAX_BATCH]
+                del self._frames[:MAX_BATCH]
+                yield link_pb2.LinkFrames(frames=batch)
+            if self.closed:
+                return
+
+
+# -- callee side ---------------------------------------------------------------------------------
+
+
+class LinkContext:
+    """What a stage handler may ask of its context, for a call that arrived over a link."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], timeout_s: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._metadata = metadata
+        self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+    ) -> None:
+        raise LinkAbort(code, details, trailing_metadata)
+
+    def done(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+
+class _ServedCall:
+    """One call a callee is running for a link."""
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+        self.credit = WINDOW
+        self.credit_granted = asyncio.Event()
+        self.deadline_passed = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class LinkServicer(link_pb2_grpc.LinkServiceServicer):
+    """Serves ``LinkService/Open`` by running ``handler`` (the stage's RPC method) for each call."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def Open(
+        self, request_iterator: AsyncIterator[link_pb2.LinkFrames], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[link_pb2.LinkFrames]:
+        calls: dict[int, _ServedCall] = {}
+        outbox = _Outbox(lambda: len(calls) > 1)
+
+        async def read() -> None:
+            try:
+                async for frames in request_iterator:
+                    for frame in frames.frames:
+                        self._on_frame(frame, calls, outbox)
+            finally:
+                # The caller closed its side or went away: nothing more will arrive for any call.
+                for call in list(calls.values()):
+                    if call.task is not None:
+                        call.task.cancel()
+                outbox.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            async for batch in outbox.batches():
+                yield batch
+        finally:
+            reader.cancel()
+            tasks = [c.task for c in calls.values() if c.task is not None]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+
+    def _on_frame(self, frame: link_pb2.LinkFrame, calls: dict[int, _ServedCall], outbox: _Outbox) -> None:
+        kind = frame.WhichOneof("kind")
+        call = calls.get(frame.call_id)
+        if kind == "call":
+            if call is not None:
+                log.warning("link: call id %d reused while in flight; ignored", frame.call_id)
+                return
+            call = calls[frame.call_id] = _ServedCall(frame.call_id)
+            call.task = asyncio.create_task(self._run(call, frame.call, calls, outbox))
+        elif call is None:
+            return  # the call already ended; its cancel or credit crossed the status
+        elif kind == "cancel":
+            if call.task is not None:
+                call.task.cancel()
+        elif kind == "credit":
+            call.credit += frame.credit.messages
+            call.credit_granted.set()
+
+    async def _run(
+        self, call: _ServedCall, start: link_pb2.LinkCall, calls: dict[int, _ServedCall], outbox: _Outbox
+    ) -> None:
+        timeout_s = start.timeout_us / 1e6 if start.timeout_us else None
+        context = LinkContext(tuple(start.metadata.items()), timeout_s)
+        timer = None
+        if timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline, call)
+        status = link_pb2.LinkStatus()
+        try:
+            messages = self._handler(start.request, context)
+            try:
+                async for message in messages:
+                    while call.credit <= 0:
+                        call.credit_granted.clear()
+                        await call.credit_granted.wait()
+                    call.credit -= 1
+                    outbox.put(link_pb2.LinkFrame(call_id=call.call_id, message=message.SerializeToString()))
+            finally:
+                await messages.aclose()  # type: ignore[attr-defined]
+        except LinkAbort as abort:
+            status.code = abort.code.value[0]
+            status.message = abort.details
+            for key, value in abort.trailing_metadata:
+                if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+                    status.details = value
+        except asyncio.CancelledError:
+            if not call.deadline_passed:
+                return  # cancelled by the caller or the link closing: nobody is waiting for a status
+            status.code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            status.message = "Deadline Exceeded"
+        except Exception:
+            log.exception("link: call %d failed", call.call_id)
+            status.code = grpc.StatusCode.INTERNAL.value[0]
+            status.message = "internal error"
+        finally:
+            if timer is not None:
+                timer.cancel()
+            calls.pop(call.call_id, None)
+            context.done()
+        outbox.put(link_pb2.LinkFrame(call_id=call.call_id, status=status))
+
+    @staticmethod
+    def _deadline(call: _ServedCall) -> None:
+        call.deadline_passed = True
+        if call.task is not None:
+            call.task.cancel()
+
+
+# -- caller side ---------------------------------------------------------------------------------
+
+
+def _rpc_error(code: grpc.StatusCode, message: str, details: bytes = b"") -> grpc.aio.AioRpcError:
+    trailers = grpc.aio.Metadata((STATUS_DETAILS_KEY, details)) if details else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details=message)
+
+
+class LinkCall(Generic[T]):
+    """The caller's end of one link call, read like a ``grpc.aio`` server-streaming call."""
+
+    def __init__(self, link: _Link[T], call_id: int) -> None:
+        self._link = link
+        self.call_id = call_id
+        self._messages: collections.deque[bytes] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._error: grpc.aio.AioRpcError | None = None
+        self._ended = False
+        self._read_since_credit = 0
+
+    def _push(self, message: bytes) -> None:
+        self._messages.append(message)
+        self._arrived.set()
+
+    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+        self._ended = True
+        self._error = error
+        self._arrived.set()
+
+    async def read(self) -> Any:
+        """The next message, ``grpc.aio.EOF`` after an OK status, or raises the status as an AioRpcError."""
+        while not self._messages:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return grpc.aio.EOF
+            self._arrived.clear()
+            await self._arrived.wait()
+        message = self._link.decode(self._messages.popleft())
+        if not self._ended:
+            self._read_since_credit += 1
+            if self._read_since_credit >= WINDOW // 2:
+                self._link.send(
+                    link_pb2.LinkFrame(
+                        call_id=self.call_id, credit=link_pb2.LinkCredit(messages=self._read_since_credit)
+                    )
+                )
+                self._read_since_credit = 0
+        return message
+
+    def cancel(self) -> bool:
+        """Stop the call at the callee; False if it had already ended."""
+        if self._ended:
+            return False
+        self._end(_rpc_error(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
+        self._link.forget(self.call_id)
+        self._link.send(link_pb2.LinkFrame(call_id=self.call_id, cancel=link_pb2.LinkCancel()))
+        return True
+
+
+class _Link(Generic[T]):
+    """One open ``LinkService/Open`` stream and the calls in flight on it."""
+
+    def __init__(self, open_stream: Callable[[], Any], callee: str, decode: Callable[[bytes], T]) -> None:
+        self.callee = callee
+        self.decode = decode
+        self.closed = False
+        self._stream = open_stream()
+        self._calls: dict[int, LinkCall[T]] = {}
+        self._next_id = 0
+        self._outbox = _Outbox(lambda: len(self._calls) > 1)
+        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    def start(
+        self, request: types_pb2.PromptRequest, timeout: float | None, metadata: Sequence[tuple[str, str]]
+    ) -> LinkCall[T]:
+        self._next_id += 1
+        call = LinkCall(self, self._next_id)
+        self._calls[call.call_id] = call
+        start = link_pb2.LinkCall(request=request, metadata=dict(metadata))
+        if timeout is not None:
+            start.timeout_us = max(1, round(timeout * 1e6))
+        self.send(link_pb2.LinkFrame(call_id=call.call_id, call=start))
+        return call
+
+    def send(self, frame: link_pb2.LinkFrame) -> None:
+        self._outbox.put(frame)
+
+    def forget(self, call_id: int) -> None:
+        self._calls.pop(call_id, None)
+
+    async def _write(self) -> None:
+        try:
+            async for batch in self._outbox.batches():
+                await self._stream.write(batch)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._fail(f"writing: {type(exc).__name__}")
+
+    async def _read(self) -> None:
+        reason = "the callee closed the link"
+        try:
+            while (frames := await self._stream.read()) is not grpc.aio.EOF:
+                for frame in frames.frames:
+                    call = self._calls.get(frame.call_id)
+                    if call is None:
+                        continue  # cancelled here already
+                    if frame.HasField("message"):
+                        call._push(frame.message)
+                    elif frame.HasField("status"):
+                        del self._calls[frame.call_id]
+                        s = frame.status
+                        call._end(
+                            _rpc_error(_CODES.get(s.code, grpc.StatusCode.UNKNOWN), s.message, s.details)
+                            if s.code
+                            else None
+                        )
+        except grpc.aio.AioRpcError as err:
+            reason = f"{err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            reason = "the link was closed"
+            raise
+        finally:
+            self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        """The stream is gone: every call still on it ends UNAVAILABLE, and the link is not used again."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._calls:
+            log.warning("link to the %s stage lost with %d calls in flight (%s)", self.callee, len(self._calls), reason)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call._end(_rpc_error(grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost"))
+        self._outbox.close()
+        self._stream.cancel()
+
+    async def close(self) -> None:
+        self._fail("closing")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class LinkClient(Generic[T]):
+    """Calls to one callee replica over a link, opened on first use and again after it is lost."""
+
+    def __init__(self, channel: grpc.aio.Channel, callee: str, decode: Callable[[bytes], T]) -> None:
+        self._open = link_pb2_grpc.LinkServiceStub(channel).Open
+        self._callee = callee
+        self._decode = decode
+        self._link: _Link[T] | None = None
+
+    def __call__(
+        self,
+        request: types_pb2.PromptRequest,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> LinkCall[T]:
+        if self._link is None or self._link.closed:
+            self._link = _Link(self._open, self._callee, self._decode)
+        return self._link.start(request, timeout, metadata or ())
+
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()

@@ -1,0 +1,209 @@
+"""Stage links over real gRPC on port 0: many calls on one stream behave like separate calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.errors import Overloaded, from_rpc_error, to_status
+from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.runtime import link
+from orchestrator.runtime.link import LinkClient, LinkServicer
+from orchestrator.v1 import link_pb2_grpc, types_pb2
+from orchestrator_client import AsyncOrchestratorClient, build_request
+from tests.integration.test_inprocess import start_all
+
+
+async def poll(check: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class Callee:
+    """A stage handler whose behaviour each request chooses through ``meta``."""
+
+    def __init__(self) -> None:
+        self.produced: dict[str, int] = {}
+        self.cancelled: set[str] = set()
+        self.contexts: dict[str, Any] = {}
+
+    async def handle(self, request: types_pb2.PromptRequest, context: Any) -> AsyncIterator[types_pb2.PostOutput]:
+        rid = request.request_id
+        self.contexts[rid] = context
+        self.produced[rid] = 0
+        mode = request.meta.get("mode", "")
+        try:
+            if mode == "shed":
+                status = to_status(Overloaded("post queue full", stage="post", retry_after_s=0.25))
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            if mode == "hang":
+                await asyncio.Event().wait()
+            for i in range(request.params.max_tokens):
+                self.produced[rid] += 1
+                yield types_pb2.PostOutput(text=f"{rid}-{i}", tokens=1)
+        except asyncio.CancelledError:
+            self.cancelled.add(rid)
+            raise
+
+
+@pytest.fixture
+async def callee() -> AsyncIterator[tuple[Callee, grpc.aio.Server, str]]:
+    handler = Callee()
+    server = grpc.aio.server()
+    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield handler, server, f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+def request(rid: str, n: int, mode: str = "") -> types_pb2.PromptRequest:
+    req = build_request("hello", session="s", max_tokens=n)
+    req.request_id = rid
+    if mode:
+        req.meta["mode"] = mode
+    return req
+
+
+async def read_all(call: Any) -> list[str]:
+    out = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        out.append(message.text)
+    return out
+
+
+async def test_concurrent_calls_share_one_stream_and_keep_their_order(
+    callee: tuple[Callee, grpc.aio.Server, str],
+) -> None:
+    _, _, address = callee
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        calls = {f"r{i}": client(request(f"r{i}", 50 + i)) for i in range(40)}
+        results = await asyncio.gather(*(read_all(c) for c in calls.values()))
+        for (rid, _), texts in zip(calls.items(), results, strict=True):
+            assert texts == [f"{rid}-{k}" for k in range(50 + int(rid[1:]))]
+        await client.close()
+
+
+async def test_a_slow_reader_holds_back_only_its_own_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
+    handler, _, address = callee
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        slow = client(request("slow", 10_000))
+        await slow.read()
+        # The callee stops at the window: it never runs ahead of the reader by more than that.
+        await poll(lambda: handler.produced.get("slow", 0) >= link.WINDOW)
+        await asyncio.sleep(0.1)
+        assert handler.produced["slow"] <= link.WINDOW + 1
+        # Another call on the same link is not stuck behind it.
+        assert len(await asyncio.wait_for(read_all(client(request("fast", 500))), 5)) == 500
+        # Reading on lets the slow call go on, and it completes.
+        rest = await asyncio.wait_for(read_all(slow), 10)
+        assert len(rest) == 9_999
+        await client.close()
+
+
+async def test_cancel_stops_the_callee_at_once(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
+    handler, _, address = callee
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        call = client(request("c1", 1, mode="hang"))
+        await poll(lambda: "c1" in handler.produced)
+        assert call.cancel()
+        await poll(lambda: "c1" in handler.cancelled, timeout_s=1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert not call.cancel()  # already ended
+        await client.close()
+
+
+async def test_deadline_travels_with_the_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
+    handler, _, address = callee
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        call = client(request("d1", 1, mode="hang"), timeout=0.2)
+        await poll(lambda: "d1" in handler.contexts)
+        remaining = handler.contexts["d1"].time_remaining()
+        assert 0 < remaining <= 0.2
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(read_all(call), 5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "d1" in handler.cancelled
+        await client.close()
+
+
+async def test_a_status_with_details_arrives_as_the_callee_sent_it(
+    callee: tuple[Callee, grpc.aio.Server, str],
+) -> None:
+    _, _, address = callee
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(client(request("s1", 3, mode="shed")))
+        err = from_rpc_error(info.value, "post")
+        assert isinstance(err, Overloaded)
+        assert (err.stage, err.message, err.retry_after_s) == ("post", "post queue full", 0.25)
+        await client.close()
+
+
+async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -> None:
+    handler = Callee()
+    server = grpc.aio.server()
+    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        call = client(request("l1", 1, mode="hang"))
+        await poll(lambda: "l1" in handler.produced)
+        await server.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), 5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "post" in (info.value.details() or "")
+
+        server = grpc.aio.server()
+        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
+        assert server.add_insecure_port(address) == port
+        await server.start()
+        try:
+
+            async def eventually_served() -> list[str]:
+                while True:
+                    try:
+                        return await read_all(client(request("l2", 2)))
+                    except grpc.aio.AioRpcError as err:
+                        assert err.code() == grpc.StatusCode.UNAVAILABLE
+                        await asyncio.sleep(0.05)
+
+            assert await asyncio.wait_for(eventually_served(), 10) == ["l2-0", "l2-1"]
+        finally:
+            await client.close()
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("links", ["true", "false"])
+async def test_both_transports_give_the_same_answers(links: str) -> None:
+    running = await start_all({"ORCH_SERVER_STAGE_LINKS": links})
+    try:
+        local = LocalPipeline(load_config(env={}))
+        async with AsyncOrchestratorClient(running["stream"].address) as client:
+            for session, text in [("a", "What is session affinity?"), ("b", "How do stop sequences work?")]:
+                req = build_request(text, session=session, max_tokens=30, stop=["Question"])
+                remote = await client.complete(text, session=session, max_tokens=30, stop=["Question"])
+                expected = [c async for c in local.submit(req)]
+                assert remote.text == "".join(c.text for c in expected)
+        # Each stage counted the requests it served, whichever way they came.
+        assert all(stage.app.runtime.outcomes.ok == 2 for stage in running.values())
+    finally:
+        for stage in reversed(running.values()):
+            await stage.stop(0)
