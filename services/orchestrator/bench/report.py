@@ -71,6 +71,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
         base = g.get(1) or g.get("1")
         parts = [f"{k} per message: {v:.0f} tokens/s" + (f" (x{v / base:.2f})" if base else "") for k, v in g.items()]
         lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
+    if "transport" in extra:
+        t = {str(n): r for n, r in extra["transport"]["links_over_calls"].items()}
+        lines += [
+            "",
+            f"Stage links against a call per request per hop (C=64, requests/s): x{t['1']} at N=1, "
+            f"x{t['128']} at N=128.",
+        ]
     if "idle_rss_mb" in extra:
         lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
     if "throughput_peak_rss_mb" in extra:

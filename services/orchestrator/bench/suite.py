@@ -511,6 +511,26 @@ async def scenario_coalescing(ctx: Context) -> None:
     ctx.extra["coalescing_tokens_per_s"] = gains
 
 
+async def scenario_transport(ctx: Context) -> None:
+    """What stage links buy: the same mesh with one gRPC call per request per hop instead."""
+    rps: dict[str, dict[int, float]] = {}
+    for links in ("true", "false"):
+        mesh = await start_mesh_target(ctx.run_dir / f"links-{links}", {"ORCH_SERVER_STAGE_LINKS": links})
+        mesh.name = "mesh, stage links" if links == "true" else "mesh, a call per request per hop"
+        try:
+            for tokens in (1, 128):
+                run = await measure("transport", mesh, tokens=tokens, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+                ctx.runs.append(run)
+                rps.setdefault(mesh.name, {})[tokens] = run["rps"]
+        finally:
+            await mesh.close()
+    links_rps, calls_rps = rps["mesh, stage links"], rps["mesh, a call per request per hop"]
+    ctx.extra["transport"] = {
+        "rps": rps,
+        "links_over_calls": {n: ratio(links_rps[n], calls_rps[n]) for n in (1, 128)},
+    }
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -519,6 +539,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "cancel": scenario_cancel,
     "tracing": scenario_tracing,
     "coalescing": scenario_coalescing,
+    "transport": scenario_transport,
 }
 
 
