@@ -17,7 +17,6 @@ from orchestrator.config import STAGES, ConfigError, describe_settings, load_con
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
-BENCH_SCENARIOS = ("latency", "throughput", "model-bound", "overload", "cancel", "tracing", "coalescing")
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -93,7 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
     from orchestrator.bench.report import markdown, plots
     from orchestrator.bench.suite import SCENARIOS, run_suite, write_json
 
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()] if args.scenarios else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -207,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
     p = sub.add_parser("bench", help="benchmark the mesh against its floors (JSON, Markdown and PNG plots)")
-    p.add_argument("--scenarios", default=",".join(BENCH_SCENARIOS), help="comma-separated (default: all)")
+    p.add_argument("--scenarios", help="comma-separated (default: all)")
     p.add_argument("--full", action="store_true", help="3x longer runs (make bench-full)")
     p.add_argument(
         "--scale", type=float, default=None, help="multiply run durations by this (default 1, 3 with --full)"
