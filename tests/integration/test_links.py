@@ -14,7 +14,7 @@ from orchestrator.errors import Overloaded, from_rpc_error, to_status
 from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.runtime import link
 from orchestrator.runtime.link import LinkClient, LinkServicer
-from orchestrator.v1 import link_pb2_grpc, types_pb2
+from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, build_request
 from tests.integration.test_inprocess import start_all
 
@@ -64,6 +64,13 @@ async def callee() -> AsyncIterator[tuple[Callee, grpc.aio.Server, str]]:
     await server.stop(0)
 
 
+def link_client(channel: grpc.aio.Channel) -> LinkClient[types_pb2.PostOutput]:
+    """A link to the post stage, with its plain RPC as the fallback."""
+    return LinkClient(
+        channel, "post", types_pb2.PostOutput.FromString, fallback=stages_pb2_grpc.PostServiceStub(channel).Process
+    )
+
+
 def request(rid: str, n: int, mode: str = "") -> types_pb2.PromptRequest:
     req = build_request("hello", session="s", max_tokens=n)
     req.request_id = rid
@@ -84,7 +91,7 @@ async def test_concurrent_calls_share_one_stream_and_keep_their_order(
 ) -> None:
     _, _, address = callee
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         calls = {f"r{i}": client(request(f"r{i}", 50 + i)) for i in range(40)}
         results = await asyncio.gather(*(read_all(c) for c in calls.values()))
         for (rid, _), texts in zip(calls.items(), results, strict=True):
@@ -95,7 +102,7 @@ async def test_concurrent_calls_share_one_stream_and_keep_their_order(
 async def test_a_slow_reader_holds_back_only_its_own_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
     handler, _, address = callee
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         slow = client(request("slow", 10_000))
         await slow.read()
         # The callee stops at the window: it never runs ahead of the reader by more than that.
@@ -113,7 +120,7 @@ async def test_a_slow_reader_holds_back_only_its_own_call(callee: tuple[Callee, 
 async def test_cancel_stops_the_callee_at_once(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
     handler, _, address = callee
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         call = client(request("c1", 1, mode="hang"))
         await poll(lambda: "c1" in handler.produced)
         assert call.cancel()
@@ -128,7 +135,7 @@ async def test_cancel_stops_the_callee_at_once(callee: tuple[Callee, grpc.aio.Se
 async def test_deadline_travels_with_the_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
     handler, _, address = callee
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         call = client(request("d1", 1, mode="hang"), timeout=0.2)
         await poll(lambda: "d1" in handler.contexts)
         remaining = handler.contexts["d1"].time_remaining()
@@ -145,7 +152,7 @@ async def test_a_status_with_details_arrives_as_the_callee_sent_it(
 ) -> None:
     _, _, address = callee
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await read_all(client(request("s1", 3, mode="shed")))
         err = from_rpc_error(info.value, "post")
@@ -162,7 +169,7 @@ async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -
     await server.start()
     address = f"127.0.0.1:{port}"
     async with grpc.aio.insecure_channel(address) as channel:
-        client = LinkClient(channel, "post", types_pb2.PostOutput.FromString)
+        client = link_client(channel)
         call = client(request("l1", 1, mode="hang"))
         await poll(lambda: "l1" in handler.produced)
         await server.stop(0)
@@ -189,6 +196,33 @@ async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -
         finally:
             await client.close()
             await server.stop(0)
+
+
+async def test_a_callee_without_links_is_called_directly() -> None:
+    """A stage of a version without LinkService (mid-upgrade): its RPC is called instead, nothing is lost."""
+    handler = Callee()
+    servicer = stages_pb2_grpc.PostServiceServicer()
+    servicer.Process = handler.handle  # type: ignore[method-assign]
+    server = grpc.aio.server()
+    stages_pb2_grpc.add_PostServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = link_client(channel)
+            # Calls already under way when the link is refused are made again directly.
+            first = await asyncio.gather(*(read_all(client(request(f"f{i}", 3), timeout=5)) for i in range(3)))
+            assert first == [[f"f{i}-{k}" for k in range(3)] for i in range(3)]
+            assert await read_all(client(request("later", 2))) == ["later-0", "later-1"]
+            assert client.direct
+            # The deadline goes with the direct call too.
+            hanging = client(request("d", 1, mode="hang"), timeout=5)
+            await poll(lambda: "d" in handler.contexts)
+            assert 4 < handler.contexts["d"].time_remaining() < 5.1
+            assert hanging.cancel()
+            await client.close()
+    finally:
+        await server.stop(0)
 
 
 @pytest.mark.parametrize("links", ["true", "false"])

@@ -254,7 +254,14 @@ def _rpc_error(code: grpc.StatusCode, message: str, details: bytes = b"") -> grp
 class LinkCall(Generic[T]):
     """The caller's end of one link call, read like a ``grpc.aio`` server-streaming call."""
 
-    def __init__(self, link: _Link[T], call_id: int) -> None:
+    def __init__(
+        self,
+        link: _Link[T],
+        call_id: int,
+        request: types_pb2.PromptRequest,
+        deadline: float | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> None:
         self._link = link
         self.call_id = call_id
         self._messages: collections.deque[bytes] = collections.deque()
@@ -262,6 +269,17 @@ class LinkCall(Generic[T]):
         self._error: grpc.aio.AioRpcError | None = None
         self._ended = False
         self._read_since_credit = 0
+        # Kept until the call ends, to make it again as a plain call if the callee has no LinkService.
+        self._request = request
+        self._deadline = deadline
+        self._metadata = metadata
+        self._plain: Any = None
+
+    def _reissue(self) -> None:
+        """The callee does not serve links (an older version, mid-upgrade): make this call directly."""
+        timeout = None if self._deadline is None else max(0.0, self._deadline - asyncio.get_running_loop().time())
+        self._plain = self._link.fallback(self._request, timeout=timeout, metadata=tuple(self._metadata) or None)
+        self._arrived.set()
 
     def _push(self, message: bytes) -> None:
         self._messages.append(message)
@@ -275,6 +293,8 @@ class LinkCall(Generic[T]):
     async def read(self) -> Any:
         """The next message, ``grpc.aio.EOF`` after an OK status, or raises the status as an AioRpcError."""
         while not self._messages:
+            if self._plain is not None:
+                return await self._plain.read()
             if self._ended:
                 if self._error is not None:
                     raise self._error
@@ -295,6 +315,8 @@ class LinkCall(Generic[T]):
 
     def cancel(self) -> bool:
         """Stop the call at the callee; False if it had already ended."""
+        if self._plain is not None:
+            return bool(self._plain.cancel())
         if self._ended:
             return False
         self._end(_rpc_error(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
@@ -306,10 +328,14 @@ class LinkCall(Generic[T]):
 class _Link(Generic[T]):
     """One open ``LinkService/Open`` stream and the calls in flight on it."""
 
-    def __init__(self, open_stream: Callable[[], Any], callee: str, decode: Callable[[bytes], T]) -> None:
+    def __init__(
+        self, open_stream: Callable[[], Any], callee: str, decode: Callable[[bytes], T], fallback: Callable[..., Any]
+    ) -> None:
         self.callee = callee
         self.decode = decode
+        self.fallback = fallback
         self.closed = False
+        self.unsupported = False
         self._stream = open_stream()
         self._calls: dict[int, LinkCall[T]] = {}
         self._next_id = 0
@@ -320,7 +346,8 @@ class _Link(Generic[T]):
         self, request: types_pb2.PromptRequest, timeout: float | None, metadata: Sequence[tuple[str, str]]
     ) -> LinkCall[T]:
         self._next_id += 1
-        call = LinkCall(self, self._next_id)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        call = LinkCall(self, self._next_id, request, deadline, metadata)
         self._calls[call.call_id] = call
         start = link_pb2.LinkCall(request=request, metadata=dict(metadata))
         if timeout is not None:
@@ -361,6 +388,7 @@ class _Link(Generic[T]):
                         )
         except grpc.aio.AioRpcError as err:
             reason = f"{err.code().name}: {err.details()}"
+            self.unsupported = err.code() == grpc.StatusCode.UNIMPLEMENTED
         except asyncio.CancelledError:
             reason = "the link was closed"
             raise
@@ -372,11 +400,14 @@ class _Link(Generic[T]):
         if self.closed:
             return
         self.closed = True
-        if self._calls:
+        if self._calls and not self.unsupported:
             log.warning("link to the %s stage lost with %d calls in flight (%s)", self.callee, len(self._calls), reason)
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            call._end(_rpc_error(grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost"))
+            if self.unsupported:
+                call._reissue()
+            else:
+                call._end(_rpc_error(grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost"))
         self._outbox.close()
         self._stream.cancel()
 
@@ -391,22 +422,37 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class LinkClient(Generic[T]):
-    """Calls to one callee replica over a link, opened on first use and again after it is lost."""
+    """Calls to one callee replica over a link, opened on first use and again after it is lost.
 
-    def __init__(self, channel: grpc.aio.Channel, callee: str, decode: Callable[[bytes], T]) -> None:
+    A callee that answers ``UNIMPLEMENTED`` (a version without links, e.g. during a rolling
+    upgrade) is called with ``fallback``, its plain RPC, from then on; calls already on the
+    failed link are made again that way.
+    """
+
+    def __init__(
+        self, channel: grpc.aio.Channel, callee: str, decode: Callable[[bytes], T], fallback: Callable[..., Any]
+    ) -> None:
         self._open = link_pb2_grpc.LinkServiceStub(channel).Open
         self._callee = callee
         self._decode = decode
+        self._fallback = fallback
         self._link: _Link[T] | None = None
+        self.direct = False
 
     def __call__(
         self,
         request: types_pb2.PromptRequest,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
-    ) -> LinkCall[T]:
+    ) -> LinkCall[T] | Any:
+        if self.direct:
+            return self._fallback(request, timeout=timeout, metadata=metadata)
+        if self._link is not None and self._link.unsupported:
+            log.warning("the %s stage does not serve stage links; calling its RPC directly", self._callee)
+            self.direct = True
+            return self._fallback(request, timeout=timeout, metadata=metadata)
         if self._link is None or self._link.closed:
-            self._link = _Link(self._open, self._callee, self._decode)
+            self._link = _Link(self._open, self._callee, self._decode, self._fallback)
         return self._link.start(request, timeout, metadata or ())
 
     async def close(self) -> None:
