@@ -42,8 +42,9 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert {"latency_ttfc_n1", "idle_rss", "cancel_p99"} <= set(results["targets"])
     runs = {(r["target"], r["tokens"]) for r in results["runs"]}
-    assert runs == {(t, n) for t in ("mesh", "single-hop floor", "bare chain floor") for n in (1, 128)}
-    assert set(results["extra"]["shape"]["ttfc_n1"]) >= {"chain_over_hop", "mesh_over_chain"}
+    floors = ("single-hop floor", "bare chain floor", "link chain floor")
+    assert runs == {(t, n) for t in ("mesh", *floors) for n in (1, 128)}
+    assert set(results["extra"]["shape"]["ttfc_n1"]) >= {"chain_over_hop", "link_chain_over_hop", "mesh_over_chain"}
     for run in results["runs"]:
         assert run["ok"] > 0 and run["errors"] == 0
         assert run["ttfc_ms"]["50"] is not None

@@ -41,15 +41,16 @@ def markdown(results: dict[str, Any], command: str) -> str:
             "call per request per hop, and the answers' bytes back, with no logic at all: what that call shape",
             "costs by itself on this machine. Where it misses a target, no work inside the stages can meet it",
             "with one call per request per hop; the mesh's stage links (one multiplexed stream per hop, see",
-            "ARCHITECTURE.md) are how it gets past the bare chain.",
+            "ARCHITECTURE.md) are how it gets past the bare chain. The link chain floor is the same five relays",
+            "calling each other over stage links: the mesh minus everything its stages do.",
             "",
-            "| measure | bare chain / single hop | mesh / single hop | mesh / bare chain |",
-            "|---|---|---|---|",
+            "| measure | bare chain / single hop | link chain / single hop | mesh / single hop | mesh / bare chain |",
+            "|---|---|---|---|---|",
         ]
         for row in extra["shape"].values():
             lines.append(
-                f"| {row['name']} | {_fmt(row['chain_over_hop'])} | {_fmt(row['mesh_over_hop'])} "
-                f"| {_fmt(row['mesh_over_chain'])} |"
+                f"| {row['name']} | {_fmt(row['chain_over_hop'])} | {_fmt(row.get('link_chain_over_hop'))} "
+                f"| {_fmt(row['mesh_over_hop'])} | {_fmt(row['mesh_over_chain'])} |"
             )
     if "cancel_stop_ms" in extra:
         c = extra["cancel_stop_ms"]

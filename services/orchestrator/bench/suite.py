@@ -29,6 +29,7 @@ from orchestrator_client import AsyncOrchestratorClient, build_request
 # Long enough that the echo worker always has more tokens than any preset asks for.
 SINGLE_HOP = "single-hop floor"
 BARE_CHAIN = "bare chain floor"
+LINK_CHAIN = "link chain floor"
 
 BENCH_INPUT = "How do bounded queues and load shedding keep streaming latency low under overload? " + " ".join(
     f"word{i}" for i in range(200)
@@ -123,13 +124,17 @@ async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
     return MeshTarget(mesh)
 
 
-async def _start_hop_process(run_dir: Path, next_address: str | None) -> tuple[subprocess.Popen[bytes], str]:
+async def _start_hop_process(
+    run_dir: Path, next_address: str | None, links: bool
+) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
     # Floors run on the same event loop as the stages, so a ratio compares like with like.
     loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
     argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready), "--event-loop", loop]
     if next_address:
         argv += ["--next", next_address]
+    if links:
+        argv.append("--links")
     proc = await asyncio.to_thread(subprocess.Popen, argv)
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -144,20 +149,22 @@ async def _start_hop_process(run_dir: Path, next_address: str | None) -> tuple[s
     return proc, address
 
 
-async def start_hop(run_dir: Path, links: int = 1) -> HopTarget:
-    """The single-hop floor (``links=1``) or the bare chain floor (``links`` processes relaying to the last)."""
+async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False) -> HopTarget:
+    """The single-hop floor (one process), or a chain of ``processes`` relaying to the last one: the bare chain
+    floor (a gRPC call per request per hop) or, with ``stage_links``, the link chain floor."""
     procs: list[subprocess.Popen[bytes]] = []
     address: str | None = None
     try:
-        for _ in range(links):
-            proc, address = await _start_hop_process(run_dir, address)
+        for _ in range(processes):
+            proc, address = await _start_hop_process(run_dir, address, stage_links)
             procs.append(proc)
     except BaseException:
         for proc in procs:
             proc.kill()
         raise
     assert address is not None
-    return HopTarget(SINGLE_HOP if links == 1 else BARE_CHAIN, procs, address)
+    name = SINGLE_HOP if processes == 1 else (LINK_CHAIN if stage_links else BARE_CHAIN)
+    return HopTarget(name, procs, address)
 
 
 # -- summaries -----------------------------------------------------------------------------------
@@ -283,30 +290,39 @@ class Context:
 
 
 def _floors_of_the_shape(
-    ctx: Context, key: str, name: str, mesh: float | None, chain: float | None, hop: float | None
+    ctx: Context,
+    key: str,
+    name: str,
+    mesh: float | None,
+    chain: float | None,
+    hop: float | None,
+    link_chain: float | None = None,
 ) -> None:
-    """What the call shape alone costs: the bare chain against the single hop, and the mesh against the bare chain."""
+    """What the call shape alone costs: the chains against the single hop, and the mesh against the bare chain."""
     ctx.extra.setdefault("shape", {})[key] = {
         "name": name,
         "mesh_over_hop": ratio(mesh, hop),
         "chain_over_hop": ratio(chain, hop),
+        "link_chain_over_hop": ratio(link_chain, hop),
         "mesh_over_chain": ratio(mesh, chain),
     }
 
 
 async def scenario_latency(ctx: Context) -> None:
     hop = await start_hop(ctx.run_dir)
-    chain = await start_hop(ctx.run_dir, links=len(STAGES))
+    chain = await start_hop(ctx.run_dir, processes=len(STAGES))
+    link_chain = await start_hop(ctx.run_dir, processes=len(STAGES), stage_links=True)
     mesh = await start_mesh_target(ctx.run_dir / "latency", {})
     ctx.extra["idle_rss_mb"] = {k: v["rss_mb"] for k, v in rss(mesh).items()}
     try:
         for tokens in (1, 128):
-            for target in (hop, chain, mesh):
+            for target in (hop, chain, link_chain, mesh):
                 ctx.runs.append(
                     await measure("latency", target, tokens=tokens, concurrency=1, duration_s=ctx.d(4), warmup_s=1)
                 )
     finally:
         await mesh.close()
+        await link_chain.close()
         await chain.close()
         await hop.close()
     by = {(r["target"], r["tokens"]): r["ttfc_ms"][50] for r in ctx.runs if r["scenario"] == "latency"}
@@ -318,7 +334,13 @@ async def scenario_latency(ctx: Context) -> None:
         False,
     )
     _floors_of_the_shape(
-        ctx, "ttfc_n1", "time to first chunk p50, N=1, C=1", by[("mesh", 1)], by[(BARE_CHAIN, 1)], by[(SINGLE_HOP, 1)]
+        ctx,
+        "ttfc_n1",
+        "time to first chunk p50, N=1, C=1",
+        by[("mesh", 1)],
+        by[(BARE_CHAIN, 1)],
+        by[(SINGLE_HOP, 1)],
+        by[(LINK_CHAIN, 1)],
     )
     idle = ctx.extra["idle_rss_mb"]
     ctx.target("idle_rss", "idle RSS of the largest stage process (MB)", max(idle.values()), 50.0, False)
@@ -326,7 +348,7 @@ async def scenario_latency(ctx: Context) -> None:
 
 async def scenario_throughput(ctx: Context) -> None:
     hop = await start_hop(ctx.run_dir)
-    chain = await start_hop(ctx.run_dir, links=len(STAGES))
+    chain = await start_hop(ctx.run_dir, processes=len(STAGES))
     mesh = await start_mesh_target(ctx.run_dir / "throughput", {})
     try:
         for tokens in (1, 16, 128):
