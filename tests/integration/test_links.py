@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.runtime import link
 from orchestrator.runtime.link import LinkClient, LinkServicer
 from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
-from orchestrator_client import AsyncOrchestratorClient, build_request
+from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 from tests.integration.test_inprocess import start_all
 
 
@@ -238,6 +239,77 @@ async def test_both_transports_give_the_same_answers(links: str) -> None:
                 assert remote.text == "".join(c.text for c in expected)
         # Each stage counted the requests it served, whichever way they came.
         assert all(stage.app.runtime.outcomes.ok == 2 for stage in running.values())
+    finally:
+        for stage in reversed(running.values()):
+            await stage.stop(0)
+
+
+async def test_random_cancels_and_deadlines_leave_nothing_behind() -> None:
+    """Many concurrent streams over the links, some read to the end, some cancelled part way, some out of time:
+    the finished ones are exact, the others end with the right status, and afterwards no stage, worker or link
+    holds anything."""
+    rng = random.Random(5)
+    # One token per message and a delay per token: long streams, many frames, credit windows in use.
+    env = {
+        "ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "1",
+        "ORCH_INFERENCE_COALESCE_TOKENS": "1",
+        "ORCH_INFERENCE_COALESCE_MS": "0",
+    }
+    running = await start_all(env)
+    local = LocalPipeline(load_config(env=env))
+    questions = ["What is session affinity?", "How do stop sequences work?", "Why pull and not push?"]
+    expected: dict[tuple[str, int], str] = {}
+    for q in questions:
+        for n in (5, 90):
+            chunks = [c async for c in local.submit(build_request(q, session="x", max_tokens=n))]
+            expected[(q, n)] = "".join(c.text for c in chunks)
+    outcomes: dict[str, int] = {"ok": 0, "cancelled": 0, "deadline": 0}
+    gate = asyncio.Semaphore(32)
+
+    async def one(client: AsyncOrchestratorClient, i: int) -> None:
+        q, n = rng.choice(questions), rng.choice((5, 90))
+        kind = rng.choice(("ok", "cancel", "deadline"))
+        timeout = rng.uniform(0.01, 0.08) if kind == "deadline" else 30.0
+        async with gate:
+            text = []
+            try:
+                stream = client.submit(q, session=f"s{i}", max_tokens=n, timeout=timeout)
+                async for chunk in stream:
+                    text.append(chunk.text)
+                    if kind == "cancel" and len(text) == 3:
+                        await stream.aclose()
+                        outcomes["cancelled"] += 1
+                        return
+            except OrchestratorRpcError as err:
+                assert kind == "deadline", (kind, err)
+                assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                outcomes["deadline"] += 1
+                return
+            assert "".join(text) == expected[(q, n)]
+            outcomes["ok"] += 1
+
+    try:
+        async with AsyncOrchestratorClient(running["stream"].address) as client:
+            await asyncio.gather(*(one(client, i) for i in range(150)))
+        assert outcomes["ok"] > 40 and outcomes["cancelled"] > 20 and outcomes["deadline"] > 20, outcomes
+
+        def links_in_use() -> int:
+            total = 0
+            for stage in running.values():
+                for close in stage.app.closers:
+                    for link_client in getattr(getattr(close, "__self__", None), "_links", ()):
+                        link = link_client._link
+                        total += len(link._calls) if link is not None else 0
+            return total
+
+        await poll(
+            lambda: (
+                all(s.app.runtime.in_flight == 0 for s in running.values())
+                and running["inference"].app.worker_stats is not None
+                and running["inference"].app.worker_stats.active == 0
+                and links_in_use() == 0
+            )
+        )
     finally:
         for stage in reversed(running.values()):
             await stage.stop(0)
