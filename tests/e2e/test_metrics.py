@@ -138,5 +138,11 @@ async def test_prometheus_scrapes_queue_depth_sheds_and_latency(
     assert prom.value('orchestrator_requests_total{stage="stream",outcome="shed"}') == 5
     assert prom.value('orchestrator_tokens_total{stage="inference"}') == 9
     assert prom.value('orchestrator_time_to_first_token_seconds_count{stage="inference",model="echo"}') == 3
+    # Each caller opened one stage link to its callee and sent its calls' frames on it.
+    assert prom.value('orchestrator_link_opens_total{callee="post"}') == 1
+    assert prom.value('orchestrator_link_losses_total{callee="post"}') in (None, 0.0)
+    writes = prom.value('sum(orchestrator_link_writes_total{side="caller"})')
+    frames = prom.value('sum(orchestrator_link_frames_total{side="caller"})')
+    assert writes is not None and frames is not None and frames >= writes >= 4  # at least a call frame per hop
     bucket = prom.value('orchestrator_stage_latency_seconds_bucket{stage="inference",outcome="ok",le="+Inf"}')
     assert bucket == 3

@@ -62,7 +62,7 @@ class Downstream(Generic[T]):
                 self._methods[addr] = method(channel)
             else:
                 # Over a stage link: same request, messages and statuses, no per-call gRPC cost.
-                link = LinkClient(channel, stage, link_output, fallback=method(channel))
+                link = LinkClient(channel, stage, link_output, fallback=method(channel), telemetry=self._telemetry)
                 self._links.append(link)
                 self._methods[addr] = link
 

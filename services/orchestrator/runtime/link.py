@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from orchestrator.errors import STATUS_DETAILS_KEY
+from orchestrator.runtime.telemetry import Telemetry
 from orchestrator.v1 import link_pb2, link_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ class _ServedCall:
 class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     """Serves ``LinkService/Open`` by running ``handler`` (the stage's RPC method) for each call."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, telemetry: Telemetry | None = None) -> None:
         self._handler = handler
+        self._telemetry = telemetry or Telemetry()
 
     async def Open(
         self, request_iterator: AsyncIterator[link_pb2.LinkFrames], context: grpc.aio.ServicerContext
@@ -167,6 +169,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         reader = asyncio.create_task(read())
         try:
             async for batch in outbox.batches():
+                self._telemetry.record_link_write("callee", len(batch.frames))
                 yield batch
         finally:
             reader.cancel()
@@ -329,9 +332,16 @@ class _Link(Generic[T]):
     """One open ``LinkService/Open`` stream and the calls in flight on it."""
 
     def __init__(
-        self, open_stream: Callable[[], Any], callee: str, decode: Callable[[bytes], T], fallback: Callable[..., Any]
+        self,
+        open_stream: Callable[[], Any],
+        callee: str,
+        decode: Callable[[bytes], T],
+        fallback: Callable[..., Any],
+        telemetry: Telemetry,
     ) -> None:
         self.callee = callee
+        self._telemetry = telemetry
+        telemetry.record_link_open(callee)
         self.decode = decode
         self.fallback = fallback
         self.closed = False
@@ -365,6 +375,7 @@ class _Link(Generic[T]):
         try:
             async for batch in self._outbox.batches():
                 await self._stream.write(batch)
+                self._telemetry.record_link_write("caller", len(batch.frames))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._fail(f"writing: {type(exc).__name__}")
 
@@ -401,6 +412,7 @@ class _Link(Generic[T]):
             return
         self.closed = True
         if self._calls and not self.unsupported:
+            self._telemetry.record_link_loss(self.callee)
             log.warning("link to the %s stage lost with %d calls in flight (%s)", self.callee, len(self._calls), reason)
         calls, self._calls = self._calls, {}
         for call in calls.values():
@@ -430,9 +442,15 @@ class LinkClient(Generic[T]):
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, callee: str, decode: Callable[[bytes], T], fallback: Callable[..., Any]
+        self,
+        channel: grpc.aio.Channel,
+        callee: str,
+        decode: Callable[[bytes], T],
+        fallback: Callable[..., Any],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._open = link_pb2_grpc.LinkServiceStub(channel).Open
+        self._telemetry = telemetry or Telemetry()
         self._callee = callee
         self._decode = decode
         self._fallback = fallback
@@ -452,7 +470,7 @@ class LinkClient(Generic[T]):
             self.direct = True
             return self._fallback(request, timeout=timeout, metadata=metadata)
         if self._link is None or self._link.closed:
-            self._link = _Link(self._open, self._callee, self._decode, self._fallback)
+            self._link = _Link(self._open, self._callee, self._decode, self._fallback, self._telemetry)
         return self._link.start(request, timeout, metadata or ())
 
     async def close(self) -> None:

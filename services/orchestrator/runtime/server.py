@@ -227,7 +227,7 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     server = new_server()
     app.register(server)
     if app.handler is not None:
-        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(app.handler), server)
+        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(app.handler, app.runtime.telemetry), server)
     admin = AdminServicer(app)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_servicer = add_health_and_reflection(server, app.service_names)

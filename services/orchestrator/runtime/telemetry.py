@@ -58,6 +58,17 @@ METRICS: tuple[MetricSpec, ...] = (
         "breaker_transitions_total", "counter", "Circuit breaker state changes, by new state.", ("stage", "state")
     ),
     MetricSpec(
+        "link_opens_total", "counter", "Stage links opened to a callee stage (first or reconnect).", ("callee",)
+    ),
+    MetricSpec("link_losses_total", "counter", "Stage links lost with calls in flight.", ("callee",)),
+    MetricSpec("link_frames_total", "counter", "Frames sent on stage links, by side (caller, callee).", ("side",)),
+    MetricSpec(
+        "link_writes_total",
+        "counter",
+        "Messages written on stage links, by side; frames per write is the batching.",
+        ("side",),
+    ),
+    MetricSpec(
         "affinity_total",
         "counter",
         "Downstream calls served by the session's first-choice replica (hit) or a fallback (miss).",
@@ -213,6 +224,16 @@ class Telemetry:
 
     def record_affinity(self, stage: str, hit: bool) -> None:
         self.metrics.inc("affinity_total", (stage, "hit" if hit else "miss"))
+
+    def record_link_open(self, callee: str) -> None:
+        self.metrics.inc("link_opens_total", (callee,))
+
+    def record_link_loss(self, callee: str) -> None:
+        self.metrics.inc("link_losses_total", (callee,))
+
+    def record_link_write(self, side: str, frames: int) -> None:
+        self.metrics.inc("link_writes_total", (side,))
+        self.metrics.inc("link_frames_total", (side,), frames)
 
     def record_retry(self, stage: str) -> None:
         self.metrics.inc("worker_retries_total", (stage,))
