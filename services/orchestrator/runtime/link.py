@@ -160,10 +160,8 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
                     for frame in frames.frames:
                         self._on_frame(frame, calls, outbox)
             finally:
-                # The caller closed its side or went away: nothing more will arrive for any call.
-                for call in list(calls.values()):
-                    if call.task is not None:
-                        call.task.cancel()
+                # The caller closed its side or went away: nothing more will arrive for any call, so the
+                # batches end and the calls still running are cancelled below.
                 outbox.close()
 
         reader = asyncio.create_task(read())
@@ -247,6 +245,9 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
 
 
 # -- caller side ---------------------------------------------------------------------------------
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _rpc_error(code: grpc.StatusCode, message: str, details: bytes = b"") -> grpc.aio.AioRpcError:
@@ -359,10 +360,12 @@ class _Link(Generic[T]):
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         call = LinkCall(self, self._next_id, request, deadline, metadata)
         self._calls[call.call_id] = call
-        start = link_pb2.LinkCall(request=request, metadata=dict(metadata))
+        frame = link_pb2.LinkFrame(call_id=call.call_id)
+        frame.call.request.CopyFrom(request)  # one copy; building a LinkCall first would copy twice
+        frame.call.metadata.update(metadata)
         if timeout is not None:
-            start.timeout_us = max(1, round(timeout * 1e6))
-        self.send(link_pb2.LinkFrame(call_id=call.call_id, call=start))
+            frame.call.timeout_us = max(1, round(timeout * 1e6))
+        self.send(frame)
         return call
 
     def send(self, frame: link_pb2.LinkFrame) -> None:
@@ -414,6 +417,8 @@ class _Link(Generic[T]):
         if self._calls and not self.unsupported:
             self._telemetry.record_link_loss(self.callee)
             log.warning("link to the %s stage lost with %d calls in flight (%s)", self.callee, len(self._calls), reason)
+        if self.unsupported:
+            log.warning("the %s stage does not serve stage links; calling its RPC directly", self.callee)
         calls, self._calls = self._calls, {}
         for call in calls.values():
             if self.unsupported:
@@ -428,9 +433,6 @@ class _Link(Generic[T]):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class LinkClient(Generic[T]):
@@ -455,7 +457,11 @@ class LinkClient(Generic[T]):
         self._decode = decode
         self._fallback = fallback
         self._link: _Link[T] | None = None
-        self.direct = False
+
+    @property
+    def direct(self) -> bool:
+        """True once the callee has refused links: its RPC is called instead, for good."""
+        return self._link is not None and self._link.unsupported
 
     def __call__(
         self,
@@ -464,10 +470,6 @@ class LinkClient(Generic[T]):
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> LinkCall[T] | Any:
         if self.direct:
-            return self._fallback(request, timeout=timeout, metadata=metadata)
-        if self._link is not None and self._link.unsupported:
-            log.warning("the %s stage does not serve stage links; calling its RPC directly", self._callee)
-            self.direct = True
             return self._fallback(request, timeout=timeout, metadata=metadata)
         if self._link is None or self._link.closed:
             self._link = _Link(self._open, self._callee, self._decode, self._fallback, self._telemetry)
