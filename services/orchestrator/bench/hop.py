@@ -7,13 +7,14 @@ way are what the mesh's five stages would cost if the stages did nothing but cal
 gRPC call per request per hop. With ``--links`` as well, the processes call each other over stage
 links as the mesh does (the link chain floor): the mesh minus everything its stages do.
 
-Both serve the same ``StreamService/Submit`` as the mesh's edge, so the same client measures all.
+All serve the same ``StreamService/Submit`` as the mesh's edge, so the same client measures all.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -22,64 +23,49 @@ from orchestrator.runtime.server import run_loop, wait_for_stop_signal, write_re
 from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
-SUBMIT = "/orchestrator.v1.StreamService/Submit"
+SERVICE = "orchestrator.v1.StreamService"
+SUBMIT = f"/{SERVICE}/Submit"
 
 
-class HopServicer(stages_pb2_grpc.StreamServiceServicer):
-    async def Submit(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[types_pb2.StreamChunk]:
-        n = max(1, request.params.max_tokens)
-        for i in range(n - 1):
-            yield types_pb2.StreamChunk(sequence=i, text=TOKEN)
-        last = types_pb2.StreamChunk(sequence=n - 1, text=TOKEN)
-        last.completion.usage.completion_tokens = n
-        last.completion.finish_reason = types_pb2.FINISH_REASON_LENGTH
-        yield last
+async def tokens(
+    request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
+) -> AsyncIterator[types_pb2.StreamChunk]:
+    """The tokens of a request, one per message: the single hop, and the last process of a chain."""
+    n = max(1, request.params.max_tokens)
+    for i in range(n - 1):
+        yield types_pb2.StreamChunk(sequence=i, text=TOKEN)
+    last = types_pb2.StreamChunk(sequence=n - 1, text=TOKEN)
+    last.completion.usage.completion_tokens = n
+    last.completion.finish_reason = types_pb2.FINISH_REASON_LENGTH
+    yield last
 
 
-class RelayHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Relays ``Submit`` as bytes to the next link: the cost of a hop and nothing else."""
+def relay_to(next_call: Callable[..., Any]) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A ``Submit`` handler that passes each request to ``next_call`` and its answers back."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._next = channel.unary_stream(SUBMIT)  # no (de)serializers: bytes pass through
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if handler_call_details.method == SUBMIT:
-            return grpc.unary_stream_rpc_method_handler(self._relay)
-        return None
-
-    async def _relay(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        call = self._next(request, timeout=context.time_remaining())
+    async def relay(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = next_call(request, timeout=context.time_remaining())
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
                 yield message
         finally:
             call.cancel()
 
+    return relay
 
-class LinkRelay(stages_pb2_grpc.StreamServiceServicer):
-    """Yields the tokens itself (the last process) or relays them from the next process over a stage link."""
 
-    def __init__(self, channel: grpc.aio.Channel | None) -> None:
-        self._next = None
-        if channel is not None:
-            plain = stages_pb2_grpc.StreamServiceStub(channel).Submit
-            self._next = LinkClient(channel, "next", types_pb2.StreamChunk.FromString, fallback=plain)
+def submit_service(handler: Callable[..., AsyncIterator[Any]], typed: bool) -> grpc.GenericRpcHandler:
+    """``StreamService/Submit`` served by ``handler``: on messages, or on bytes that pass through unparsed."""
+    codec: dict[str, Any] = (
+        {"request_deserializer": types_pb2.PromptRequest.FromString, "response_serializer": _serialize} if typed else {}
+    )
+    return grpc.method_handlers_generic_handler(
+        SERVICE, {"Submit": grpc.unary_stream_rpc_method_handler(handler, **codec)}
+    )
 
-    async def Submit(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[types_pb2.StreamChunk]:
-        if self._next is None:
-            async for chunk in HopServicer().Submit(request, context):
-                yield chunk
-            return
-        call = self._next(request, timeout=context.time_remaining())
-        try:
-            while (message := await call.read()) is not grpc.aio.EOF:
-                yield message
-        finally:
-            call.cancel()
+
+def _serialize(message: types_pb2.StreamChunk) -> bytes:
+    return message.SerializeToString()
 
 
 async def _serve(ready_file: str, next_address: str | None, links: bool) -> None:
@@ -87,14 +73,18 @@ async def _serve(ready_file: str, next_address: str | None, links: bool) -> None
     channel = None
     if next_address:
         channel = grpc.aio.insecure_channel(next_address)
-    if links:
-        relay = LinkRelay(channel)
-        stages_pb2_grpc.add_StreamServiceServicer_to_server(relay, server)
-        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(relay.Submit), server)
-    elif channel is not None:
-        server.add_generic_rpc_handlers((RelayHandler(channel),))
+    if channel is None:
+        handler: Callable[..., AsyncIterator[Any]] = tokens
+    elif links:
+        plain = stages_pb2_grpc.StreamServiceStub(channel).Submit
+        handler = relay_to(LinkClient(channel, "next", types_pb2.StreamChunk.FromString, fallback=plain))
     else:
-        stages_pb2_grpc.add_StreamServiceServicer_to_server(HopServicer(), server)
+        handler = relay_to(channel.unary_stream(SUBMIT))  # no (de)serializers: bytes pass through
+    # A relay of the bare chain parses nothing; the rest (the tail, the link chain) speaks messages.
+    server.add_generic_rpc_handlers((submit_service(handler, typed=links or channel is None),))
+    if links:
+        # Every process of the link chain but the first is called over LinkService.
+        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready_file(ready_file, "hop", f"127.0.0.1:{port}")

@@ -125,11 +125,9 @@ async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
 
 
 async def _start_hop_process(
-    run_dir: Path, next_address: str | None, links: bool
+    run_dir: Path, next_address: str | None, links: bool, loop: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
-    # Floors run on the same event loop as the stages, so a ratio compares like with like.
-    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
     argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready), "--event-loop", loop]
     if next_address:
         argv += ["--next", next_address]
@@ -152,11 +150,13 @@ async def _start_hop_process(
 async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False) -> HopTarget:
     """The single-hop floor (one process), or a chain of ``processes`` relaying to the last one: the bare chain
     floor (a gRPC call per request per hop) or, with ``stage_links``, the link chain floor."""
+    # Floors run on the same event loop as the stages, so a ratio compares like with like.
+    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
     procs: list[subprocess.Popen[bytes]] = []
     address: str | None = None
     try:
         for _ in range(processes):
-            proc, address = await _start_hop_process(run_dir, address, stage_links)
+            proc, address = await _start_hop_process(run_dir, address, stage_links, loop)
             procs.append(proc)
     except BaseException:
         for proc in procs:
