@@ -54,14 +54,20 @@ class Callee:
             raise
 
 
+async def serve_links(handler: Callee, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, str]:
+    """A server with only LinkService, running ``handler`` for each call; returns it and its address."""
+    server = grpc.aio.server()
+    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 @pytest.fixture
 async def callee() -> AsyncIterator[tuple[Callee, grpc.aio.Server, str]]:
     handler = Callee()
-    server = grpc.aio.server()
-    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield handler, server, f"127.0.0.1:{port}"
+    server, address = await serve_links(handler)
+    yield handler, server, address
     await server.stop(0)
 
 
@@ -164,11 +170,7 @@ async def test_a_status_with_details_arrives_as_the_callee_sent_it(
 
 async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -> None:
     handler = Callee()
-    server = grpc.aio.server()
-    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    address = f"127.0.0.1:{port}"
+    server, address = await serve_links(handler)
     async with grpc.aio.insecure_channel(address) as channel:
         client = link_client(channel)
         call = client(request("l1", 1, mode="hang"))
@@ -179,10 +181,8 @@ async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "post" in (info.value.details() or "")
 
-        server = grpc.aio.server()
-        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
-        assert server.add_insecure_port(address) == port
-        await server.start()
+        server, again = await serve_links(handler, address)  # the same port
+        assert again == address
         try:
 
             async def eventually_served() -> list[str]:
