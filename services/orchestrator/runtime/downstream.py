@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import grpc
 
 from orchestrator.affinity import rendezvous_order
 from orchestrator.errors import DeadlineExceeded, from_rpc_error
-from orchestrator.runtime.link import LinkClient
+from orchestrator.runtime.link import CallContext, LinkClient
 from orchestrator.runtime.telemetry import Telemetry, mark_span
 from orchestrator.v1 import types_pb2
 
@@ -26,6 +27,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 10000),
 )
+
+
+def _cancel(call: Any, _context: object) -> None:
+    call.cancel()
 
 
 class Downstream(Generic[T]):
@@ -67,7 +72,7 @@ class Downstream(Generic[T]):
                 self._methods[addr] = link
 
     async def stream(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext | None = None
+        self, request: types_pb2.PromptRequest, context: CallContext | None = None
     ) -> AsyncGenerator[T, None]:
         order = rendezvous_order(request.session.id, self.addresses)
         for attempt, addr in enumerate(order):
@@ -79,7 +84,7 @@ class Downstream(Generic[T]):
             call = self._methods[addr](request, timeout=timeout, metadata=metadata or None)
             if context is not None:
                 # Runs when our own RPC ends (done, cancelled, deadline): stop the work below at once.
-                context.add_done_callback(lambda _ctx, call=call: call.cancel())
+                context.add_done_callback(partial(_cancel, call))
             received = False
             finished = False
             try:

@@ -25,7 +25,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -47,7 +47,23 @@ MAX_BATCH = 512
 # frames and 1.5x the requests/s for 0.6x the CPU per request; more rounds gain nothing.
 GATHER_ROUNDS = 6
 
-Handler = Callable[[types_pb2.PromptRequest, Any], AsyncIterator[Any]]
+
+class CallContext(Protocol):
+    """What the runtime asks of an incoming call's context: a ``grpc.aio.ServicerContext`` for a
+    call of the stage's RPC, a :class:`LinkContext` for a call that came over a link."""
+
+    def invocation_metadata(self) -> Any: ...
+
+    def time_remaining(self) -> float | None: ...
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None: ...
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+    ) -> None: ...
+
+
+Handler = Callable[[types_pb2.PromptRequest, CallContext], AsyncIterator[Any]]
 
 
 class LinkAbort(Exception):

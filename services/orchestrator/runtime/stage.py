@@ -18,6 +18,7 @@ from orchestrator.errors import ChannelClosed, OrchestratorError, to_status
 from orchestrator.pipeline.scope import Scope
 from orchestrator.requests import normalize_request
 from orchestrator.runtime.admission import Admission
+from orchestrator.runtime.link import CallContext
 from orchestrator.runtime.telemetry import Telemetry, mark_span
 from orchestrator.v1 import admin_pb2, types_pb2
 
@@ -94,7 +95,7 @@ class StageRuntime:
     async def serve(
         self,
         request: types_pb2.PromptRequest,
-        context: grpc.aio.ServicerContext,
+        context: CallContext,
         body: Callable[[Scope], AsyncIterator[T]],
     ) -> AsyncIterator[T]:
         """Run one request through the stage: validate, admit (or shed), run ``body``, map errors.
@@ -212,7 +213,7 @@ class StageRuntime:
         return "error"
 
     @staticmethod
-    def _cancel_outcome(context: grpc.aio.ServicerContext) -> str:
+    def _cancel_outcome(context: CallContext) -> str:
         # A caller whose own deadline passed cancels us a moment before ours does: a cancel that
         # close to our deadline is the deadline.
         remaining = context.time_remaining()
