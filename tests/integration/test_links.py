@@ -43,7 +43,10 @@ class Callee:
         try:
             if mode == "shed":
                 status = to_status(Overloaded("post queue full", stage="post", retry_after_s=0.25))
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return
             if mode == "hang":
                 await asyncio.Event().wait()
             for i in range(request.params.max_tokens):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from functools import partial
@@ -29,7 +30,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def _cancel(call: Any, _context: object) -> None:
+def _cancel(call: Any, _task: object) -> None:
     call.cancel()
 
 
@@ -82,9 +83,13 @@ class Downstream(Generic[T]):
             span, metadata = self._telemetry.client_span(self.rpc)
             span.set_attribute("net.peer.name", addr)
             call = self._methods[addr](request, timeout=timeout, metadata=metadata or None)
-            if context is not None:
-                # Runs when our own RPC ends (done, cancelled, deadline): stop the work below at once.
-                context.add_done_callback(partial(_cancel, call))
+            task = asyncio.current_task() if context is not None else None
+            if task is not None:
+                # Runs when the task serving our own RPC ends (done, cancelled, deadline): stop the work
+                # below at once. The task's callback, not the gRPC context's: grpc.aio keeps a context's
+                # done callbacks in a reference cycle with the call's state, so every call's objects
+                # (this call, its request) would wait for a full garbage collection to be freed.
+                task.add_done_callback(partial(_cancel, call))
             received = False
             finished = False
             try:
@@ -110,7 +115,10 @@ class Downstream(Generic[T]):
                 if retryable:
                     log.warning("stage=%s replica=%s unavailable; trying the next replica", self.stage, addr)
                     continue
-                raise mapped from None
+                try:
+                    raise mapped from None
+                finally:
+                    del mapped  # the error's traceback holds this frame: no cycle through a local
             finally:
                 if not finished:
                     # Our caller went away (cancel, deadline) or stopped reading early (stop sequence).

@@ -9,7 +9,7 @@ A link call behaves like the callee's own RPC, on both sides:
 
 - the callee runs the stage's usual handler with a :class:`LinkContext` that answers what the
   handler and the runtime ask of a ``grpc.aio.ServicerContext`` (metadata, remaining deadline,
-  done callbacks, abort), so admission, spans, metrics and error mapping are the same code;
+  the status to end with), so admission, spans, metrics and error mapping are the same code;
 - the caller gets a :class:`LinkCall` with the ``read()``/``cancel()`` of a ``grpc.aio`` call,
   which fails with a ``grpc.aio.AioRpcError`` carrying the callee's status and details, so
   replica fallback and error pass-through are the same code too.
@@ -50,32 +50,25 @@ GATHER_ROUNDS = 6
 
 class CallContext(Protocol):
     """What the runtime asks of an incoming call's context: a ``grpc.aio.ServicerContext`` for a
-    call of the stage's RPC, a :class:`LinkContext` for a call that came over a link."""
+    call of the stage's RPC, a :class:`LinkContext` for a call that came over a link.
+
+    A failed call sets its status and returns rather than calling ``abort()``: grpc.aio keeps the
+    exception ``abort()`` raises on the call's state, and its traceback holds the handler's frames,
+    which hold the context, so every failed call's objects would wait for a full garbage collection.
+    """
 
     def invocation_metadata(self) -> Any: ...
 
     def time_remaining(self) -> float | None: ...
 
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None: ...
+    def set_code(self, code: grpc.StatusCode) -> None: ...
 
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
-    ) -> None: ...
+    def set_details(self, details: str) -> None: ...
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None: ...
 
 
 Handler = Callable[[types_pb2.PromptRequest, CallContext], AsyncIterator[Any]]
-
-
-class LinkAbort(Exception):
-    """Raised by :meth:`LinkContext.abort`: the call ends with this status."""
-
-    def __init__(
-        self, code: grpc.StatusCode, details: str, trailing_metadata: Sequence[tuple[str, str | bytes]]
-    ) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.trailing_metadata = tuple(trailing_metadata)
 
 
 class _Outbox:
@@ -124,7 +117,9 @@ class LinkContext:
         self._loop = asyncio.get_running_loop()
         self._metadata = metadata
         self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
-        self._callbacks: list[Callable[[Any], None]] = []
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self.trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -132,18 +127,22 @@ class LinkContext:
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
 
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._callbacks.append(callback)
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
 
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
-    ) -> None:
-        raise LinkAbort(code, details, trailing_metadata)
+    def set_details(self, details: str) -> None:
+        self.details = details
 
-    def done(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self.trailing_metadata = trailing_metadata
+
+    def status(self) -> link_pb2.LinkStatus:
+        """The call's end, as the status frame carries it."""
+        status = link_pb2.LinkStatus(code=self.code.value[0], message=self.details)
+        for key, value in self.trailing_metadata:
+            if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+                status.details = value
+        return status
 
 
 class _ServedCall:
@@ -219,7 +218,6 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         timer = None
         if timeout_s is not None:
             timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline, call)
-        status = link_pb2.LinkStatus()
         try:
             messages = self._handler(start.request, context)
             try:
@@ -231,26 +229,18 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
                     outbox.put(link_pb2.LinkFrame(call_id=call.call_id, message=message.SerializeToString()))
             finally:
                 await messages.aclose()  # type: ignore[attr-defined]
-        except LinkAbort as abort:
-            status.code = abort.code.value[0]
-            status.message = abort.details
-            for key, value in abort.trailing_metadata:
-                if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-                    status.details = value
+            status = context.status()
         except asyncio.CancelledError:
             if not call.deadline_passed:
                 return  # cancelled by the caller or the link closing: nobody is waiting for a status
-            status.code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-            status.message = "Deadline Exceeded"
+            status = link_pb2.LinkStatus(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="Deadline Exceeded")
         except Exception:
             log.exception("link: call %d failed", call.call_id)
-            status.code = grpc.StatusCode.INTERNAL.value[0]
-            status.message = "internal error"
+            status = link_pb2.LinkStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
         finally:
             if timer is not None:
                 timer.cancel()
             calls.pop(call.call_id, None)
-            context.done()
         outbox.put(link_pb2.LinkFrame(call_id=call.call_id, status=status))
 
     @staticmethod
@@ -286,7 +276,7 @@ class LinkCall(Generic[T]):
         self.call_id = call_id
         self._messages: collections.deque[bytes] = collections.deque()
         self._arrived = asyncio.Event()
-        self._error: grpc.aio.AioRpcError | None = None
+        self._status: tuple[grpc.StatusCode, str, bytes] | None = None
         self._ended = False
         self._read_since_credit = 0
         # Kept until the call ends, to make it again as a plain call if the callee has no LinkService.
@@ -305,9 +295,10 @@ class LinkCall(Generic[T]):
         self._messages.append(message)
         self._arrived.set()
 
-    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+    def _end(self, status: tuple[grpc.StatusCode, str, bytes] | None) -> None:
+        """The call ended: OK (None) or with ``(code, message, details)``."""
         self._ended = True
-        self._error = error
+        self._status = status
         self._arrived.set()
 
     async def read(self) -> Any:
@@ -316,8 +307,10 @@ class LinkCall(Generic[T]):
             if self._plain is not None:
                 return await self._plain.read()
             if self._ended:
-                if self._error is not None:
-                    raise self._error
+                if self._status is not None:
+                    # A new error each time: one kept here would hold, in its traceback, this frame
+                    # and so this call, a reference cycle per failed call.
+                    raise _rpc_error(*self._status)
                 return grpc.aio.EOF
             self._arrived.clear()
             await self._arrived.wait()
@@ -339,7 +332,7 @@ class LinkCall(Generic[T]):
             return bool(self._plain.cancel())
         if self._ended:
             return False
-        self._end(_rpc_error(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
+        self._end((grpc.StatusCode.CANCELLED, "Locally cancelled by application!", b""))
         self._link.forget(self.call_id)
         self._link.send(link_pb2.LinkFrame(call_id=self.call_id, cancel=link_pb2.LinkCancel()))
         return True
@@ -411,11 +404,8 @@ class _Link(Generic[T]):
                     elif frame.HasField("status"):
                         del self._calls[frame.call_id]
                         s = frame.status
-                        call._end(
-                            _rpc_error(_CODES.get(s.code, grpc.StatusCode.UNKNOWN), s.message, s.details)
-                            if s.code
-                            else None
-                        )
+                        code = _CODES.get(s.code, grpc.StatusCode.UNKNOWN)
+                        call._end((code, s.message, s.details) if s.code else None)
         except grpc.aio.AioRpcError as err:
             reason = f"{err.code().name}: {err.details()}"
             self.unsupported = err.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -440,7 +430,7 @@ class _Link(Generic[T]):
             if self.unsupported:
                 call._reissue()
             else:
-                call._end(_rpc_error(grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost"))
+                call._end((grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost", b""))
         self._outbox.close()
         self._stream.cancel()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,6 +35,19 @@ class Outcomes:
     ok: int = 0
     failed: int = 0
     cancelled: int = 0
+
+
+def _end_with(
+    context: CallContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+) -> None:
+    """End the call with this status once the handler returns (see ``CallContext`` on why not ``abort``).
+    Before any message, gRPC sends it trailers-only, which transparent retries rely on."""
+    context.set_code(code)
+    context.set_details(details)
+    context.set_trailing_metadata(trailing_metadata)
 
 
 class StageRuntime:
@@ -156,12 +169,12 @@ class StageRuntime:
             span.set_attribute("orchestrator.failed_stage", err.stage)
             self._log_error(request.request_id, err, outcome)
             status = to_status(err)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            _end_with(context, status.code, status.details, status.trailing_metadata)
         except Exception as exc:
             self.outcomes.failed += 1
             mark_span(span, "INTERNAL", type(exc).__name__)
             log.exception("stage=%s request=%s failed", self.stage, request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage")
+            _end_with(context, grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage")
         finally:
             self._in_flight -= 1
             self.telemetry.record_in_flight(self.stage, self._in_flight)
