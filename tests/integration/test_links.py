@@ -17,14 +17,7 @@ from orchestrator.runtime import link
 from orchestrator.runtime.link import LinkClient, LinkServicer
 from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
-from tests.integration.test_inprocess import start_all
-
-
-async def poll(check: Any, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
+from tests.integration.test_inprocess import poll, start_all
 
 
 class Callee:
