@@ -90,7 +90,8 @@ def _bench(args: argparse.Namespace) -> int:
     import shutil
 
     from orchestrator.bench.report import markdown, plots
-    from orchestrator.bench.suite import SCENARIOS, run_suite, write_json
+    from orchestrator.bench.suite import SCENARIOS, mesh_env, run_suite, write_json
+    from orchestrator.runtime.server import settle_gc
 
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()] if args.scenarios else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -99,6 +100,9 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The load generator's collector is set like the stages' (see settle_gc), so its own pauses
+    # do not show up as theirs in the tails it measures.
+    settle_gc(load_config(env=mesh_env({})).server.gc_full_every)
     results = asyncio.run(run_suite(names, args.scale or (3.0 if args.full else 1.0)))
     write_json(results, out / "results.json")
     command = "make bench-full" if args.full else "make bench"

@@ -206,6 +206,9 @@ class ServerConfig:
     stage_links: bool = _f(
         True, "call the next stage over one multiplexed stream per replica (false: one gRPC call per request)"
     )
+    gc_full_every: int = _f(
+        1000, "young garbage collections between two full ones (CPython's default: 10); see ARCHITECTURE.md"
+    )
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,8 @@ class MeshConfig:
         out = [p for name in STAGES for p in self.stage(name).problems(name)]
         if self.server.drain_grace_s < 0:
             out.append("server.drain_grace_s must be >= 0")
+        if self.server.gc_full_every < 1:
+            out.append("server.gc_full_every must be >= 1")
         if self.server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             out.append(f"server.log_level {self.server.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         lim = self.limits

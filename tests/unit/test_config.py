@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
 from orchestrator.config import ConfigError, load_config, settings
+from orchestrator.runtime.server import settle_gc
 
 
 def test_defaults_are_the_documented_capacities() -> None:
@@ -58,6 +60,7 @@ def test_wildcard_host_is_reached_on_loopback() -> None:
         ({"ORCH_INFERENCE_COALESCE_TOKENS": "0"}, "inference.coalesce_tokens must be >= 1"),
         ({"ORCH_LIMITS_DEFAULT_MAX_TOKENS": "9000"}, "limits.default_max_tokens must be <= limits.max_tokens_limit"),
         ({"ORCH_SERVER_LOG_LEVEL": "LOUD"}, "server.log_level 'LOUD'"),
+        ({"ORCH_SERVER_GC_FULL_EVERY": "0"}, "server.gc_full_every must be >= 1"),
     ],
 )
 def test_bad_values_are_reported(env: dict[str, str], problem: str) -> None:
@@ -79,3 +82,14 @@ def test_every_setting_has_help_and_a_unique_env_name() -> None:
     all_settings = list(settings())
     assert all(s.help for s in all_settings)
     assert len({s.env for s in all_settings}) == len(all_settings)
+
+
+def test_settled_collector_freezes_start_up_objects_and_makes_full_collections_rare() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_gc(1000)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (before[0], before[1], 1000)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -240,6 +241,19 @@ async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     return running
 
 
+def settle_gc(full_every: int) -> None:
+    """Once serving: move what start-up left alive out of the collector's sight, and make full collections rare.
+
+    A request leaves none of its objects in reference cycles (tested), so what a full collection finds is
+    little, while its pause grows with everything alive: ~40-90 ms at the edge holding ~1300 open streams,
+    which was the shed replies' p99 under overload. Young collections still run as often as before.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, full_every)
+
+
 def write_ready_file(path: str, stage: str, address: str, metrics_address: str = "") -> None:
     """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
     info = {"stage": stage, "address": address, "metrics_address": metrics_address, "pid": os.getpid()}
@@ -261,6 +275,7 @@ async def serve(
     running = await start_stage(app, stage_cfg.host, stage_cfg.port)
     if stage_cfg.metrics_port >= 0:
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
+    settle_gc(cfg.server.gc_full_every)
     log.info("stage=%s listening on %s (metrics %s)", app.name, running.address, running.metrics_address or "off")
     if ready_file:
         write_ready_file(ready_file, app.name, running.address, running.metrics_address)

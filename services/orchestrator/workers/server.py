@@ -21,6 +21,7 @@ from orchestrator.runtime.server import (
     load_config_or_report,
     new_server,
     run_loop,
+    settle_gc,
     wait_for_stop_signal,
     write_ready_file,
 )
@@ -73,7 +74,7 @@ class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
         return out
 
 
-async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None) -> None:
+async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None, gc_full_every: int) -> None:
     worker = build_worker(cfg)
     stats = WorkerStats()
     server = new_server()
@@ -84,6 +85,7 @@ async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None)
     await server.start()
     for name in ("", WORKER_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    settle_gc(gc_full_every)
     log.info("worker server (%s) listening on %s", worker.name, address)
     if ready_file:
         write_ready_file(ready_file, "worker", address)
@@ -111,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(cfg.server.log_level, "worker")
     try:
-        run_loop(serve(cfg.inference.worker, args.host, args.port, args.ready_file), cfg.server.uvloop)
+        run_loop(
+            serve(cfg.inference.worker, args.host, args.port, args.ready_file, cfg.server.gc_full_every),
+            cfg.server.uvloop,
+        )
     except OSError as exc:
         log.error("%s", exc)
         return 1
