@@ -8,8 +8,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import grpc
@@ -110,6 +110,22 @@ class RunResult:
     def completed_in_window(self) -> list[Sample]:
         """Samples for throughput: finished inside the window, wherever they were sent."""
         return [s for s in self.samples if self.window_start <= s.started + s.total_s <= self.window_end]
+
+
+def joined(blocks: Sequence[RunResult]) -> RunResult:
+    """Blocks of one measurement taken in turns with others', as one run: each block's window laid after
+    the last, with the requests that started and ended inside it."""
+    samples: list[Sample] = []
+    offset = 0.0
+    for block in blocks:
+        shift = offset - block.window_start
+        samples += [
+            replace(s, started=s.started + shift)
+            for s in block.samples
+            if block.window_start <= s.started and s.started + s.total_s <= block.window_end
+        ]
+        offset += block.window_s
+    return RunResult(samples, 0.0, offset)
 
 
 async def closed_loop(submit: Submit, concurrency: int, duration_s: float, warmup_s: float, label: str) -> RunResult:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from orchestrator.bench import procstats
-from orchestrator.bench.loadgen import RunResult, Sample, closed_loop, open_loop
+from orchestrator.bench.loadgen import RunResult, Sample, closed_loop, joined, open_loop
 from orchestrator.config import STAGES, load_config
 from orchestrator.launcher import Mesh, start_mesh
 from orchestrator.pipeline.local import LocalPipeline
@@ -249,6 +249,35 @@ async def measure(
     ) | {"samples": [_sample_row(s) for s in result.started_in_window()]}
 
 
+async def measure_in_turns(
+    scenario: str, targets: Sequence[Target], *, tokens: int, duration_s: float, warmup_s: float, turns: int = 8
+) -> list[dict[str, Any]]:
+    """One request at a time (C=1) to each target, the targets taking turns in ``turns`` blocks: each block
+    is a warm closed loop like ``measure``'s, and a slow or fast spell of the machine falls on every target
+    alike instead of on whichever was measured then. What unloaded latency ratios need on a shared machine."""
+    blocks: dict[str, list[RunResult]] = {t.name: [] for t in targets}
+    cpu = dict.fromkeys(blocks, 0.0)
+    for turn in range(turns):
+        for target in targets:
+            label = f"{scenario}: {target.name} N={tokens} C=1 ({turn + 1}/{turns})"
+            before, started = cpu_total(target.pids), time.perf_counter()
+            # A short warm-up per block: the target's processes were idle during the others' turns.
+            block = await closed_loop(
+                target.submit(tokens), 1, duration_s / turns, warmup_s if turn == 0 else warmup_s / 10, label
+            )
+            spent = cpu_total(target.pids) - before
+            cpu[target.name] += spent * block.window_s / max(1e-9, time.perf_counter() - started)
+            blocks[target.name].append(block)
+    runs = []
+    for target in targets:
+        result = joined(blocks[target.name])
+        runs.append(
+            summarize(scenario, target, result, mode="closed", tokens=tokens, concurrency=1, cpu_s=cpu[target.name])
+            | {"samples": [_sample_row(s) for s in result.started_in_window()], "turns": turns}
+        )
+    return runs
+
+
 def _sample_row(s: Sample) -> tuple[str, float | None, float]:
     return (s.outcome, s.ttfc_s, s.total_s)
 
@@ -316,10 +345,9 @@ async def scenario_latency(ctx: Context) -> None:
     ctx.extra["idle_rss_mb"] = {k: v["rss_mb"] for k, v in rss(mesh).items()}
     try:
         for tokens in (1, 128):
-            for target in (hop, chain, link_chain, mesh):
-                ctx.runs.append(
-                    await measure("latency", target, tokens=tokens, concurrency=1, duration_s=ctx.d(4), warmup_s=1)
-                )
+            ctx.runs += await measure_in_turns(
+                "latency", (hop, chain, link_chain, mesh), tokens=tokens, duration_s=ctx.d(4), warmup_s=1
+            )
     finally:
         await mesh.close()
         await link_chain.close()
