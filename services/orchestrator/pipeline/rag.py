@@ -57,33 +57,32 @@ class Bm25Index:
 
     def __init__(self, docs: Iterable[Doc], k1: float = 1.5, b: float = 0.75) -> None:
         self.docs = list(docs)
-        self._k1, self._b = k1, b
-        self._postings: dict[str, list[tuple[int, int]]] = {}
-        self._lengths: list[int] = []
+        postings: dict[str, list[tuple[int, int]]] = {}
+        lengths: list[int] = []
         for i, doc in enumerate(self.docs):
             counts = Counter(terms(f"{doc.title} {doc.text}"))
-            self._lengths.append(sum(counts.values()))
+            lengths.append(sum(counts.values()))
             for term, tf in counts.items():
-                self._postings.setdefault(term, []).append((i, tf))
+                postings.setdefault(term, []).append((i, tf))
         n = len(self.docs)
-        self._avg_len = (sum(self._lengths) / n) if n else 0.0
-        self._idf = {
-            term: math.log(1 + (n - len(post) + 0.5) / (len(post) + 0.5)) for term, post in self._postings.items()
-        }
+        avg = (sum(lengths) / n) if n else 0.0
+        # Each (term, document) contribution to a score is fixed by the corpus: computed once here,
+        # a search only adds up the contributions of the query's terms.
+        self._weights: dict[str, list[tuple[int, float]]] = {}
+        for term, post in postings.items():
+            idf = math.log(1 + (n - len(post) + 0.5) / (len(post) + 0.5))
+            self._weights[term] = [
+                (i, idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[i] / avg))) for i, tf in post
+            ]
 
     def search(self, query: str, k: int) -> list[tuple[Doc, float]]:
         """The ``k`` best documents for ``query`` with their scores; documents sharing no term are left out."""
         if k <= 0:
             return []
         scores: dict[int, float] = {}
-        k1, b, avg = self._k1, self._b, self._avg_len
         for term in set(terms(query)):
-            idf = self._idf.get(term)
-            if idf is None:
-                continue
-            for i, tf in self._postings[term]:
-                norm = tf + k1 * (1 - b + b * self._lengths[i] / avg)
-                scores[i] = scores.get(i, 0.0) + idf * tf * (k1 + 1) / norm
+            for i, weight in self._weights.get(term, ()):
+                scores[i] = scores.get(i, 0.0) + weight
         best = heapq.nlargest(k, scores.items(), key=lambda item: (item[1], -item[0]))
         return [(self.docs[i], score) for i, score in best]
 
