@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -99,11 +100,20 @@ _BY_REASON: dict[str, type[OrchestratorError]] = {
 
 @dataclass(frozen=True)
 class WireStatus:
-    """A status ready for ``context.abort(code, details, trailing_metadata)``."""
+    """A status with its details, ready to end a call with."""
 
     code: grpc.StatusCode
     details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+    def set_on(self, context: Any) -> None:
+        """End ``context``'s call with this status when its handler returns. Before any message gRPC sends
+        it trailers-only, as it would an abort. Not ``abort()``: grpc.aio keeps the exception it raises on the
+        call's state, and that exception's traceback holds the handler's frames and so the context: a
+        reference cycle per failed call, freed only by a full garbage collection."""
+        context.set_code(self.code)
+        context.set_details(self.details)
+        context.set_trailing_metadata(self.trailing_metadata)
 
 
 def to_status(err: OrchestratorError) -> WireStatus:

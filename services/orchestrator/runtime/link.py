@@ -52,9 +52,7 @@ class CallContext(Protocol):
     """What the runtime asks of an incoming call's context: a ``grpc.aio.ServicerContext`` for a
     call of the stage's RPC, a :class:`LinkContext` for a call that came over a link.
 
-    A failed call sets its status and returns rather than calling ``abort()``: grpc.aio keeps the
-    exception ``abort()`` raises on the call's state, and its traceback holds the handler's frames,
-    which hold the context, so every failed call's objects would wait for a full garbage collection.
+    A failed call sets its status and returns rather than calling ``abort()`` (see ``WireStatus.set_on``).
     """
 
     def invocation_metadata(self) -> Any: ...

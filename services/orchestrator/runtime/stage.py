@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,7 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from orchestrator.config import LimitsConfig, MeshConfig
-from orchestrator.errors import ChannelClosed, OrchestratorError, to_status
+from orchestrator.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
 from orchestrator.pipeline.scope import Scope
 from orchestrator.requests import normalize_request
 from orchestrator.runtime.admission import Admission
@@ -35,19 +35,6 @@ class Outcomes:
     ok: int = 0
     failed: int = 0
     cancelled: int = 0
-
-
-def _end_with(
-    context: CallContext,
-    code: grpc.StatusCode,
-    details: str,
-    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
-) -> None:
-    """End the call with this status once the handler returns (see ``CallContext`` on why not ``abort``).
-    Before any message, gRPC sends it trailers-only, which transparent retries rely on."""
-    context.set_code(code)
-    context.set_details(details)
-    context.set_trailing_metadata(trailing_metadata)
 
 
 class StageRuntime:
@@ -168,13 +155,12 @@ class StageRuntime:
             mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
             span.set_attribute("orchestrator.failed_stage", err.stage)
             self._log_error(request.request_id, err, outcome)
-            status = to_status(err)
-            _end_with(context, status.code, status.details, status.trailing_metadata)
+            to_status(err).set_on(context)
         except Exception as exc:
             self.outcomes.failed += 1
             mark_span(span, "INTERNAL", type(exc).__name__)
             log.exception("stage=%s request=%s failed", self.stage, request.request_id)
-            _end_with(context, grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage")
+            WireStatus(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage").set_on(context)
         finally:
             self._in_flight -= 1
             self.telemetry.record_in_flight(self.stage, self._in_flight)

@@ -58,8 +58,7 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServiceServicer):
                     batch = []
             yield worker_pb2.GenerateResponse(tokens=batch)
         except OrchestratorError as err:
-            status = to_status(err)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            to_status(err).set_on(context)
 
 
 class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
