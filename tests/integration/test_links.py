@@ -59,11 +59,18 @@ async def serve_links(handler: Callee, address: str = "127.0.0.1:0") -> tuple[gr
     return server, f"127.0.0.1:{port}"
 
 
+Linked = tuple[Callee, LinkClient[types_pb2.PostOutput]]
+
+
 @pytest.fixture
-async def callee() -> AsyncIterator[tuple[Callee, grpc.aio.Server, str]]:
+async def linked() -> AsyncIterator[Linked]:
+    """A LinkService-only callee and a link client to it."""
     handler = Callee()
     server, address = await serve_links(handler)
-    yield handler, server, address
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = link_client(channel)
+        yield handler, client
+        await client.close()
     await server.stop(0)
 
 
@@ -90,78 +97,63 @@ async def read_all(call: Any) -> list[str]:
 
 
 async def test_concurrent_calls_share_one_stream_and_keep_their_order(
-    callee: tuple[Callee, grpc.aio.Server, str],
+    linked: Linked,
 ) -> None:
-    _, _, address = callee
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = link_client(channel)
-        calls = {f"r{i}": client(request(f"r{i}", 50 + i)) for i in range(40)}
-        results = await asyncio.gather(*(read_all(c) for c in calls.values()))
-        for (rid, _), texts in zip(calls.items(), results, strict=True):
-            assert texts == [f"{rid}-{k}" for k in range(50 + int(rid[1:]))]
-        await client.close()
+    _, client = linked
+    calls = {f"r{i}": client(request(f"r{i}", 50 + i)) for i in range(40)}
+    results = await asyncio.gather(*(read_all(c) for c in calls.values()))
+    for (rid, _), texts in zip(calls.items(), results, strict=True):
+        assert texts == [f"{rid}-{k}" for k in range(50 + int(rid[1:]))]
 
 
-async def test_a_slow_reader_holds_back_only_its_own_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
-    handler, _, address = callee
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = link_client(channel)
-        slow = client(request("slow", 10_000))
-        await slow.read()
-        # The callee stops at the window: it never runs ahead of the reader by more than that.
-        await poll(lambda: handler.produced.get("slow", 0) >= link.WINDOW)
-        await asyncio.sleep(0.1)
-        assert handler.produced["slow"] <= link.WINDOW + 1
-        # Another call on the same link is not stuck behind it.
-        assert len(await asyncio.wait_for(read_all(client(request("fast", 500))), 5)) == 500
-        # Reading on lets the slow call go on, and it completes.
-        rest = await asyncio.wait_for(read_all(slow), 10)
-        assert len(rest) == 9_999
-        await client.close()
+async def test_a_slow_reader_holds_back_only_its_own_call(linked: Linked) -> None:
+    handler, client = linked
+    slow = client(request("slow", 10_000))
+    await slow.read()
+    # The callee stops at the window: it never runs ahead of the reader by more than that.
+    await poll(lambda: handler.produced.get("slow", 0) >= link.WINDOW)
+    await asyncio.sleep(0.1)
+    assert handler.produced["slow"] <= link.WINDOW + 1
+    # Another call on the same link is not stuck behind it.
+    assert len(await asyncio.wait_for(read_all(client(request("fast", 500))), 5)) == 500
+    # Reading on lets the slow call go on, and it completes.
+    rest = await asyncio.wait_for(read_all(slow), 10)
+    assert len(rest) == 9_999
 
 
-async def test_cancel_stops_the_callee_at_once(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
-    handler, _, address = callee
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = link_client(channel)
-        call = client(request("c1", 1, mode="hang"))
-        await poll(lambda: "c1" in handler.produced)
-        assert call.cancel()
-        await poll(lambda: "c1" in handler.cancelled, timeout_s=1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call.read()
-        assert info.value.code() == grpc.StatusCode.CANCELLED
-        assert not call.cancel()  # already ended
-        await client.close()
+async def test_cancel_stops_the_callee_at_once(linked: Linked) -> None:
+    handler, client = linked
+    call = client(request("c1", 1, mode="hang"))
+    await poll(lambda: "c1" in handler.produced)
+    assert call.cancel()
+    await poll(lambda: "c1" in handler.cancelled, timeout_s=1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert not call.cancel()  # already ended
 
 
-async def test_deadline_travels_with_the_call(callee: tuple[Callee, grpc.aio.Server, str]) -> None:
-    handler, _, address = callee
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = link_client(channel)
-        call = client(request("d1", 1, mode="hang"), timeout=0.2)
-        await poll(lambda: "d1" in handler.contexts)
-        remaining = handler.contexts["d1"].time_remaining()
-        assert 0 < remaining <= 0.2
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await asyncio.wait_for(read_all(call), 5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "d1" in handler.cancelled
-        await client.close()
+async def test_deadline_travels_with_the_call(linked: Linked) -> None:
+    handler, client = linked
+    call = client(request("d1", 1, mode="hang"), timeout=0.2)
+    await poll(lambda: "d1" in handler.contexts)
+    remaining = handler.contexts["d1"].time_remaining()
+    assert 0 < remaining <= 0.2
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(read_all(call), 5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "d1" in handler.cancelled
 
 
 async def test_a_status_with_details_arrives_as_the_callee_sent_it(
-    callee: tuple[Callee, grpc.aio.Server, str],
+    linked: Linked,
 ) -> None:
-    _, _, address = callee
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = link_client(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await read_all(client(request("s1", 3, mode="shed")))
-        err = from_rpc_error(info.value, "post")
-        assert isinstance(err, Overloaded)
-        assert (err.stage, err.message, err.retry_after_s) == ("post", "post queue full", 0.25)
-        await client.close()
+    _, client = linked
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await read_all(client(request("s1", 3, mode="shed")))
+    err = from_rpc_error(info.value, "post")
+    assert isinstance(err, Overloaded)
+    assert (err.stage, err.message, err.retry_after_s) == ("post", "post queue full", 0.25)
 
 
 async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -> None:
