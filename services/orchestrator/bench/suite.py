@@ -26,11 +26,11 @@ from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, build_request
 
-# Long enough that the echo worker always has more tokens than any preset asks for.
 SINGLE_HOP = "single-hop floor"
 BARE_CHAIN = "bare chain floor"
 LINK_CHAIN = "link chain floor"
 
+# Long enough that the echo worker always has more tokens than any preset asks for.
 BENCH_INPUT = "How do bounded queues and load shedding keep streaming latency low under overload? " + " ".join(
     f"word{i}" for i in range(200)
 )
@@ -224,6 +224,15 @@ def cpu_total(pids: dict[str, int]) -> float:
     return sum(procstats.cpu_seconds(pid) for pid in pids.values())
 
 
+async def _with_cpu(target: Target, run: Awaitable[RunResult]) -> tuple[RunResult, float]:
+    """``run``'s result and the CPU seconds ``target``'s processes spent in its measurement window
+    (their CPU over the whole run, warm-up included, scaled to the window)."""
+    before, started = cpu_total(target.pids), time.perf_counter()
+    result = await run
+    spent = cpu_total(target.pids) - before
+    return result, spent * result.window_s / max(1e-9, time.perf_counter() - started)
+
+
 async def measure(
     scenario: str,
     target: Target,
@@ -237,13 +246,12 @@ async def measure(
     submit = target.submit(tokens)
     mode = "open" if rate else "closed"
     label = f"{scenario}: {target.name} N={tokens} " + (f"{rate:.0f}/s" if rate else f"C={concurrency}")
-    cpu_before = cpu_total(target.pids)
-    started = time.perf_counter()
-    if rate:
-        result = await open_loop(submit, rate, duration_s, warmup_s, label)
-    else:
-        result = await closed_loop(submit, concurrency, duration_s, warmup_s, label)
-    cpu_s = (cpu_total(target.pids) - cpu_before) * result.window_s / max(1e-9, time.perf_counter() - started)
+    load = (
+        open_loop(submit, rate, duration_s, warmup_s, label)
+        if rate
+        else closed_loop(submit, concurrency, duration_s, warmup_s, label)
+    )
+    result, cpu_s = await _with_cpu(target, load)
     return summarize(
         scenario, target, result, mode=mode, tokens=tokens, concurrency=concurrency, rate=rate, cpu_s=cpu_s
     ) | {"samples": [_sample_row(s) for s in result.started_in_window()]}
@@ -260,13 +268,12 @@ async def measure_in_turns(
     for turn in range(turns):
         for target in targets:
             label = f"{scenario}: {target.name} N={tokens} C=1 ({turn + 1}/{turns})"
-            before, started = cpu_total(target.pids), time.perf_counter()
             # A short warm-up per block: the target's processes were idle during the others' turns.
-            block = await closed_loop(
-                target.submit(tokens), 1, duration_s / turns, warmup_s if turn == 0 else warmup_s / 10, label
+            warmup = warmup_s if turn == 0 else warmup_s / 10
+            block, cpu_s = await _with_cpu(
+                target, closed_loop(target.submit(tokens), 1, duration_s / turns, warmup, label)
             )
-            spent = cpu_total(target.pids) - before
-            cpu[target.name] += spent * block.window_s / max(1e-9, time.perf_counter() - started)
+            cpu[target.name] += cpu_s
             blocks[target.name].append(block)
     runs = []
     for target in targets:
