@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.config import STAGES, ConfigError, describe_settings, load_config
+from orchestrator.config import STAGES, ConfigError, MeshConfig, describe_settings, load_config
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
@@ -28,12 +28,19 @@ def _config_path(arg: str | None) -> str | None:
     return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
 
 
-def _validate(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
+def _load(path: str | None) -> MeshConfig | None:
+    """The config, or None after printing every problem in it (the command then exits with 1)."""
     try:
-        cfg = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    cfg = _load(path)
+    if cfg is None:
         return 1
     print(f"configuration OK ({path or 'built-in defaults'}, with ORCH_* overrides)")
     for name in STAGES:
@@ -48,10 +55,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace, demo: bool) -> int:
     path = _config_path(args.config)
-    try:
-        load_config(path)  # report config problems once, here, rather than from five processes
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    if _load(path) is None:  # report config problems once, here, rather than from five processes
         return 1
     run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-mesh-"))
     print(f"starting rag, assemble, inference, post, stream (logs: {run_dir})", flush=True)
@@ -127,10 +131,8 @@ def _status(args: argparse.Namespace) -> int:
     if args.addresses:
         targets = list(args.addresses)
     else:
-        try:
-            cfg = load_config(_config_path(args.config))
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
+        cfg = _load(_config_path(args.config))
+        if cfg is None:
             return 1
         targets = [addr for name in STAGES for addr in cfg.stage(name).addresses()]
     print(
