@@ -61,16 +61,15 @@ class Downstream(Generic[T]):
         self.addresses = tuple(addresses)
         self._telemetry = telemetry or Telemetry()
         self._channels = {addr: grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) for addr in self.addresses}
-        self._links: list[LinkClient[T]] = []
         self._methods: dict[str, Callable[..., Any]] = {}
         for addr, channel in self._channels.items():
             if link_output is None:
                 self._methods[addr] = method(channel)
             else:
                 # Over a stage link: same request, messages and statuses, no per-call gRPC cost.
-                link = LinkClient(channel, stage, link_output, fallback=method(channel), telemetry=self._telemetry)
-                self._links.append(link)
-                self._methods[addr] = link
+                self._methods[addr] = LinkClient(
+                    channel, stage, link_output, fallback=method(channel), telemetry=self._telemetry
+                )
 
     async def stream(
         self, request: types_pb2.PromptRequest, context: CallContext | None = None
@@ -127,7 +126,8 @@ class Downstream(Generic[T]):
                 span.end()
 
     async def close(self) -> None:
-        for link in self._links:
-            await link.close()
+        for method in self._methods.values():
+            if isinstance(method, LinkClient):
+                await method.close()
         for channel in self._channels.values():
             await channel.close()

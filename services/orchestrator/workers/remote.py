@@ -12,6 +12,13 @@ from orchestrator.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 
+def _as_inference_error(err: grpc.aio.AioRpcError) -> OrchestratorError:
+    """The worker server's failure, as the inference stage's (it is this stage's backend)."""
+    mapped = from_rpc_error(err, "inference")
+    mapped.stage = "inference"
+    return mapped
+
+
 class RemoteWorker(ModelWorker):
     """Streams tokens from a ``ModelWorkerService``; closing the generation cancels the call."""
 
@@ -39,9 +46,7 @@ class RemoteWorker(ModelWorker):
                 for token in reply.tokens:
                     yield token
         except grpc.aio.AioRpcError as err:
-            mapped: OrchestratorError = from_rpc_error(err, "inference")
-            mapped.stage = "inference"
-            raise mapped from None
+            raise _as_inference_error(err) from None  # not kept in a local: its traceback holds this frame
         finally:
             call.cancel()
 
