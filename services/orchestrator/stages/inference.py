@@ -37,8 +37,7 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
         self._rt, self._assemble, self._stats = runtime, assemble, stats
         self.worker = worker
         self._coalesce = (coalesce_tokens, coalesce_ms)
-        self._users: dict[ModelWorker, int] = {}
-        self._retired: set[ModelWorker] = set()
+        self._users: dict[ModelWorker, int] = {}  # requests in flight per worker
         self._closing: set[asyncio.Task[None]] = set()
 
     async def Infer(
@@ -61,7 +60,7 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
             self._users[worker] -= 1
             if self._users[worker] == 0:
                 del self._users[worker]
-                if worker in self._retired:
+                if worker is not self.worker:  # swapped out while this request ran: it was the last
                     self._close_later(worker)
 
     def swap(self, worker: ModelWorker) -> None:
@@ -73,13 +72,10 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
             worker.name,
             self._users.get(old, 0),
         )
-        if self._users.get(old):
-            self._retired.add(old)
-        else:
-            self._close_later(old)
+        if not self._users.get(old):
+            self._close_later(old)  # otherwise its last request closes it
 
     def _close_later(self, worker: ModelWorker) -> None:
-        self._retired.discard(worker)
         task = asyncio.get_running_loop().create_task(worker.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
