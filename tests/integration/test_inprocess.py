@@ -18,6 +18,7 @@ from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.runtime.server import RunningStage, start_stage
 from orchestrator.runtime.telemetry import Telemetry
 from orchestrator.stages import assemble, inference, post, rag, stream
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 
 BUILDERS = {
@@ -193,3 +194,11 @@ def _is_ours(obj: object) -> bool:
         or isinstance(obj, (Message, types.FrameType, types.CoroutineType, types.AsyncGeneratorType))
         or kind.__name__ in ("_ServicerContext", "RPCState", "partial")
     )
+
+
+async def test_reload_of_a_stage_with_nothing_to_reload_is_unimplemented(stages: dict[str, RunningStage]) -> None:
+    async with grpc.aio.insecure_channel(stages["rag"].address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await admin_pb2_grpc.AdminServiceStub(channel).Reload(admin_pb2.ReloadRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.details() == "the rag stage has nothing to reload"

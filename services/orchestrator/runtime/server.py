@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from orchestrator.config import ConfigError, MeshConfig, load_config
+from orchestrator.errors import WireStatus
 from orchestrator.pipeline.inference import WorkerStats
 from orchestrator.runtime.link import Handler, LinkServicer
 from orchestrator.runtime.stage import StageRuntime
@@ -74,13 +75,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ReloadResponse:
         load = self.reload_config
         if self._app.reload is None or load is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"the {self._app.name} stage has nothing to reload")
-            raise AssertionError("unreachable")  # abort raises
+            status = WireStatus(grpc.StatusCode.UNIMPLEMENTED, f"the {self._app.name} stage has nothing to reload")
+            status.set_on(context)
+            return admin_pb2.ReloadResponse()  # not sent: the status is an error
         try:
-            worker = await reload_app(self._app, load)
+            return admin_pb2.ReloadResponse(worker=await reload_app(self._app, load))
         except ConfigError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return admin_pb2.ReloadResponse(worker=worker)
+            WireStatus(grpc.StatusCode.FAILED_PRECONDITION, str(exc)).set_on(context)
+            return admin_pb2.ReloadResponse()
 
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
