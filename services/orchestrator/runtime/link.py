@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -70,10 +70,14 @@ Handler = Callable[[types_pb2.PromptRequest, CallContext], AsyncIterator[Any]]
 
 
 class _Outbox:
-    """Frames waiting to be written; whatever queued during a write goes out as the next message."""
+    """Frames waiting to be written on one side of a link; whatever queued during a write goes out as
+    the next message. ``calls`` are that side's calls in flight: while there is more than one, a write
+    waits a few loop rounds for more frames."""
 
-    def __init__(self, busy: Callable[[], bool]) -> None:
-        self._busy = busy
+    def __init__(self, calls: Mapping[int, object], side: str, telemetry: Telemetry) -> None:
+        self._calls = calls
+        self._side = side
+        self._telemetry = telemetry
         self._frames: list[link_pb2.LinkFrame] = []
         self._ready = asyncio.Event()
         self.closed = False
@@ -90,7 +94,7 @@ class _Outbox:
     async def batches(self) -> AsyncIterator[link_pb2.LinkFrames]:
         while True:
             await self._ready.wait()
-            if self._busy():
+            if len(self._calls) > 1:
                 # Other calls are in flight: let the loop run a few rounds first, so the frames their
                 # ready work produces join this write. Fewer, larger writes are what a link saves;
                 # a lone call never waits.
@@ -100,6 +104,7 @@ class _Outbox:
             while self._frames:
                 batch = self._frames[:MAX_BATCH]
                 del self._frames[:MAX_BATCH]
+                self._telemetry.record_link_write(self._side, len(batch))
                 yield link_pb2.LinkFrames(frames=batch)
             if self.closed:
                 return
@@ -165,7 +170,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         self, request_iterator: AsyncIterator[link_pb2.LinkFrames], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[link_pb2.LinkFrames]:
         calls: dict[int, _ServedCall] = {}
-        outbox = _Outbox(lambda: len(calls) > 1)
+        outbox = _Outbox(calls, "callee", self._telemetry)
 
         async def read() -> None:
             try:
@@ -180,7 +185,6 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         reader = asyncio.create_task(read())
         try:
             async for batch in outbox.batches():
-                self._telemetry.record_link_write("callee", len(batch.frames))
                 yield batch
         finally:
             reader.cancel()
@@ -357,7 +361,7 @@ class _Link(Generic[T]):
         self._stream = open_stream()
         self._calls: dict[int, LinkCall[T]] = {}
         self._next_id = 0
-        self._outbox = _Outbox(lambda: len(self._calls) > 1)
+        self._outbox = _Outbox(self._calls, "caller", telemetry)
         self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
 
     def start(
@@ -385,7 +389,6 @@ class _Link(Generic[T]):
         try:
             async for batch in self._outbox.batches():
                 await self._stream.write(batch)
-                self._telemetry.record_link_write("caller", len(batch.frames))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._fail(f"writing: {type(exc).__name__}")
 
@@ -423,8 +426,9 @@ class _Link(Generic[T]):
             log.warning("link to the %s stage lost with %d calls in flight (%s)", self.callee, len(self._calls), reason)
         if self.unsupported:
             log.warning("the %s stage does not serve stage links; calling its RPC directly", self.callee)
-        calls, self._calls = self._calls, {}
-        for call in calls.values():
+        calls = list(self._calls.values())
+        self._calls.clear()  # in place: the outbox counts the same dict
+        for call in calls:
             if self.unsupported:
                 call._reissue()
             else:
