@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from orchestrator.config import STAGES
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh, start_mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 

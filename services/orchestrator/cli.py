@@ -13,7 +13,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.config import STAGES, ConfigError, MeshConfig, describe_settings, load_config
+from orchestrator.core.config import ConfigError, MeshConfig, describe_settings, load_config
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
@@ -68,8 +69,8 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
         for name in STAGES:
             print(f"  {name:<9} {mesh.address(name)}  pid {mesh.stages[name].popen.pid}", flush=True)
         if demo:
+            from orchestrator.core.telemetry import build_telemetry
             from orchestrator.demo import run_demo
-            from orchestrator.runtime.telemetry import build_telemetry
 
             telemetry = build_telemetry("demo-client")
             if telemetry.tracing:
@@ -228,14 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ready-file")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker-server"]:
-        from orchestrator.workers.server import main as worker_server
+        from orchestrator.stages.worker_server import main as worker_server
 
         return worker_server(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args)
     if args.command == "config":
-        from orchestrator.runtime.telemetry import describe_metrics
+        from orchestrator.core.telemetry import describe_metrics
 
         print(describe_metrics() if args.metrics else describe_settings())
         return 0

@@ -15,11 +15,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.config import STAGES
+from orchestrator.core.graph import CALLEE, EDGE, STAGES
 
 _POLL_S = 0.02
-# Which stage each stage calls: started in this order, each learns its callee's address.
-CALLEE = {"assemble": "rag", "inference": "assemble", "post": "inference", "stream": "post"}
 
 
 class LaunchError(RuntimeError):
@@ -73,7 +71,7 @@ class Mesh:
 
     @property
     def entry(self) -> str:
-        return self.stages["stream"].address
+        return self.stages[EDGE].address
 
     def address(self, stage: str) -> str:
         return self.stages[stage].address
@@ -152,7 +150,7 @@ def start_mesh(
     log_to_files: bool = True,
     timeout_s: float = 30.0,
 ) -> Mesh:
-    """Start RAG, Assemble, Inference, Post and Stream in that order.
+    """Start the stages in data-flow order (RAG first, the edge last).
 
     Each stage binds the port its config gives (0: any free port, reported through a
     ready file) and is told where its callee listens through ``ORCH_<CALLEE>_REPLICAS``.

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator.core.config import load_config
 from orchestrator.launcher import Mesh
 from orchestrator.pipeline.assemble import render_prompt
-from orchestrator.pipeline.local import LocalPipeline
 from orchestrator.pipeline.rag import Bm25Index, load_documents
+from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, types_pb2
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request

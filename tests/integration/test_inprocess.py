@@ -12,12 +12,12 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from orchestrator.config import load_config
-from orchestrator.launcher import CALLEE
-from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.core.config import load_config
+from orchestrator.core.graph import CALLEE
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.server import RunningStage, start_stage
-from orchestrator.runtime.telemetry import Telemetry
 from orchestrator.stages import assemble, inference, post, rag, stream
+from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 
@@ -79,7 +79,7 @@ async def test_grpc_mesh_matches_the_local_pipeline(stages: dict[str, RunningSta
 async def test_shed_at_the_far_end_reaches_the_client_with_its_stage(stages: dict[str, RunningStage]) -> None:
     async with AsyncOrchestratorClient(stages["stream"].address) as client:
         first = asyncio.create_task(client.complete("one", session="a", max_tokens=2))
-        await asyncio.sleep(0.1)  # the first request now holds the only RAG slot for 300 ms
+        await poll(lambda: stages["rag"].app.runtime.admission.active == 1)  # it holds the only RAG slot for 300 ms
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete("two", session="b", max_tokens=2)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -103,7 +103,7 @@ async def test_unreachable_downstream_is_unavailable(stages: dict[str, RunningSt
 async def test_unreachable_replica_falls_back_to_the_next_one() -> None:
     # Two RAG "replicas": one dead port and the real one. Sessions whose rendezvous
     # choice is the dead one must be served by the live one; none may fail.
-    from orchestrator.affinity import rendezvous_order
+    from orchestrator.core.affinity import rendezvous_order
 
     live = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
     replicas = f"127.0.0.1:1,{live.address}"

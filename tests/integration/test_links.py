@@ -10,11 +10,12 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.errors import Overloaded, from_rpc_error, to_status
-from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.core.config import load_config
+from orchestrator.core.errors import Overloaded, from_rpc_error, to_status
 from orchestrator.runtime import link
 from orchestrator.runtime.link import LinkClient, LinkServicer
+from orchestrator.runtime.server import RunningStage
+from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 from tests.integration.test_inprocess import poll, start_all
@@ -281,23 +282,45 @@ async def test_random_cancels_and_deadlines_leave_nothing_behind() -> None:
             await asyncio.gather(*(one(client, i) for i in range(150)))
         assert outcomes["ok"] > 40 and outcomes["cancelled"] > 20 and outcomes["deadline"] > 20, outcomes
 
-        def links_in_use() -> int:
-            total = 0
-            for stage in running.values():
-                for close in stage.app.closers:
-                    for link_client in getattr(getattr(close, "__self__", None), "_links", ()):
-                        link = link_client._link
-                        total += len(link._calls) if link is not None else 0
-            return total
-
         await poll(
             lambda: (
                 all(s.app.runtime.in_flight == 0 for s in running.values())
-                and running["inference"].app.worker_stats is not None
-                and running["inference"].app.worker_stats.active == 0
-                and links_in_use() == 0
+                and worker_active(running) == 0
+                and links_in_use(running) == 0
             )
         )
+    finally:
+        for stage in reversed(running.values()):
+            await stage.stop(0)
+
+
+def links_in_use(running: dict[str, RunningStage]) -> int:
+    """Calls in flight on every stage's links to its callee."""
+    total = 0
+    for stage in running.values():
+        if stage.app.downstream is not None:
+            total += sum(t.in_flight for t in stage.app.downstream.transports.values() if isinstance(t, LinkClient))
+    return total
+
+
+def worker_active(running: dict[str, RunningStage]) -> int:
+    status = running["inference"].app.worker_status
+    assert status is not None
+    return status().active
+
+
+async def test_calls_in_flight_on_links_are_seen() -> None:
+    """The accounting the randomised test relies on sees a call held on every link, and its end."""
+    running = await start_all({"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20"})
+    try:
+        assert links_in_use(running) == 0
+        async with AsyncOrchestratorClient(running["stream"].address) as client:
+            stream = client.submit("hold the links", session="h", max_tokens=500)
+            await anext(stream)
+            # Streaming: the calls on the stream->post and post->inference links (rag and assemble are done).
+            assert links_in_use(running) == 2
+            await stream.aclose()
+        await poll(lambda: links_in_use(running) == 0 and worker_active(running) == 0)
     finally:
         for stage in reversed(running.values()):
             await stage.stop(0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.config import describe_settings
-from orchestrator.runtime.telemetry import describe_metrics
+from orchestrator.core.config import describe_settings
+from orchestrator.core.telemetry import describe_metrics
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from orchestrator.errors import Overloaded
+from orchestrator.core.errors import Overloaded
 from orchestrator.runtime.admission import Admission, Slot
 
 

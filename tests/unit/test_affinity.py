@@ -8,14 +8,14 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.affinity import rendezvous_order, shard_session, stable_hash
+from orchestrator.core.affinity import rendezvous_order, shard_session, stable_hash
 
 SESSIONS = [f"session-{i}" for i in range(20000)]
 
 
 def test_shard_is_stable_across_processes() -> None:
     # Python's built-in hash() is salted per process; ours must not be.
-    code = "from orchestrator.affinity import shard_session as s; print([s(f'session-{i}', 7) for i in range(50)])"
+    code = "from orchestrator.core.affinity import shard_session as s; print([s(f'session-{i}', 7) for i in range(50)])"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_config, settings
+from orchestrator.core.config import ConfigError, load_config, settings
 from orchestrator.runtime.server import settle_gc
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import compose
 import pytest
 
-from orchestrator.config import STAGES, load_config
-from orchestrator.launcher import CALLEE
+from orchestrator.core.config import load_config
+from orchestrator.core.graph import CALLEE, STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

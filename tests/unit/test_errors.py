@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from orchestrator import errors
+from orchestrator.core import errors
 
 
 @pytest.mark.parametrize(

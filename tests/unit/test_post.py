@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from orchestrator.errors import OtherError
+from orchestrator.core.errors import OtherError
+from orchestrator.core.scope import Scope
 from orchestrator.pipeline.post import StopScanner, process
-from orchestrator.pipeline.scope import Scope
 from orchestrator.v1 import types_pb2
 
 

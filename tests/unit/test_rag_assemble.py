@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.errors import InvalidRequest
+from orchestrator.core.errors import InvalidRequest
 from orchestrator.pipeline.assemble import render_prompt
 from orchestrator.pipeline.rag import Bm25Index, Doc, load_documents
 from orchestrator.v1 import types_pb2

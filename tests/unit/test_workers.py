@@ -11,8 +11,8 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from orchestrator.config import OpenAIConfig
-from orchestrator.errors import ChannelClosed, InferenceError, InvalidRequest, Overloaded
+from orchestrator.core.config import OpenAIConfig
+from orchestrator.core.errors import ChannelClosed, InferenceError, InvalidRequest, Overloaded
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 from orchestrator.workers.openai import OpenAIWorker, read_api_key, retry_after_s
 from orchestrator.workers.resilient import CircuitBreaker, ResilientWorker

@@ -14,7 +14,7 @@ from typing import TextIO
 
 import grpc
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.v1 import types_pb2
 from orchestrator_client import OrchestratorRpcError
 

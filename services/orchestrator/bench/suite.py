@@ -20,9 +20,10 @@ import grpc
 
 from orchestrator.bench import procstats
 from orchestrator.bench.loadgen import RunResult, Sample, closed_loop, joined, open_loop
-from orchestrator.config import STAGES, load_config
+from orchestrator.core.config import load_config
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh, start_mesh
-from orchestrator.pipeline.local import LocalPipeline
+from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, build_request
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from orchestrator.errors import InvalidRequest, OtherError
-from orchestrator.pipeline.scope import Scope
+from orchestrator.core.errors import InvalidRequest, OtherError
+from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 
 PROMPT_TEMPLATE = "Answer the question from the context.\nContext:\n{context}\nQuestion: {input}\nAnswer:"

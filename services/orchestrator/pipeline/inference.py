@@ -4,38 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 
-from orchestrator.errors import InferenceError, OrchestratorError, OtherError
-from orchestrator.pipeline.scope import Scope, aclose
+from orchestrator.core.aio import aclose
+from orchestrator.core.errors import InferenceError, OrchestratorError, OtherError
+from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 from orchestrator.workers.base import GenerationRequest, ModelWorker
+from orchestrator.workers.stats import WorkerStats, monitored
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerStats:
-    """Live counters of a worker, for the admin status RPC and tests."""
-
-    active: int = 0
-    tokens_generated: int = 0
-    last_generation_end_unix_nanos: int = 0
-
-
-async def monitored(tokens: AsyncIterator[str], stats: WorkerStats) -> AsyncIterator[str]:
-    """Pass tokens through, counting them and the generations in progress."""
-    stats.active += 1
-    try:
-        async for token in tokens:
-            stats.tokens_generated += 1
-            yield token
-    finally:
-        await aclose(tokens)
-        stats.active -= 1
-        stats.last_generation_end_unix_nanos = time.time_ns()
 
 
 async def coalesce(

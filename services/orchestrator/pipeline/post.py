@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from orchestrator.errors import OtherError
-from orchestrator.pipeline.scope import Scope, aclose
+from orchestrator.core.aio import aclose
+from orchestrator.core.errors import OtherError
+from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 
 

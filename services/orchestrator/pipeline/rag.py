@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.pipeline.scope import Scope
+from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 
 _WORD = re.compile(r"[a-z0-9]+")

@@ -6,7 +6,7 @@ import abc
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from orchestrator.pipeline.scope import Scope
+from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 
 log = logging.getLogger(__name__)

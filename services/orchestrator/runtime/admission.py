@@ -8,8 +8,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from orchestrator.errors import Overloaded
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.core.errors import Overloaded
+from orchestrator.core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,14 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from orchestrator.errors import STATUS_DETAILS_KEY
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.core.calls import Handler
+from orchestrator.core.errors import STATUS_DETAILS_KEY
+from orchestrator.core.telemetry import Telemetry
+from orchestrator.runtime.server import Service
 from orchestrator.v1 import link_pb2, link_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -46,27 +48,6 @@ MAX_BATCH = 512
 # Measured at 64 concurrent one-token requests: 1 round averages 2.3 frames per write, 6 rounds 5-6
 # frames and 1.5x the requests/s for 0.6x the CPU per request; more rounds gain nothing.
 GATHER_ROUNDS = 6
-
-
-class CallContext(Protocol):
-    """What the runtime asks of an incoming call's context: a ``grpc.aio.ServicerContext`` for a
-    call of the stage's RPC, a :class:`LinkContext` for a call that came over a link.
-
-    A failed call sets its status and returns rather than calling ``abort()`` (see ``WireStatus.set_on``).
-    """
-
-    def invocation_metadata(self) -> Any: ...
-
-    def time_remaining(self) -> float | None: ...
-
-    def set_code(self, code: grpc.StatusCode) -> None: ...
-
-    def set_details(self, details: str) -> None: ...
-
-    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None: ...
-
-
-Handler = Callable[[types_pb2.PromptRequest, CallContext], AsyncIterator[Any]]
 
 
 class _Outbox:
@@ -250,6 +231,14 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         call.deadline_passed = True
         if call.task is not None:
             call.task.cancel()
+
+
+def link_service(handler: Handler, telemetry: Telemetry | None = None) -> Service:
+    """``LinkService`` running ``handler`` (the stage's RPC method) for calls that arrive over links. An
+    internal service: not listed in reflection or health."""
+    servicer = LinkServicer(handler, telemetry)
+    name = link_pb2.DESCRIPTOR.services_by_name["LinkService"].full_name
+    return Service(name, lambda server: link_pb2_grpc.add_LinkServiceServicer_to_server(servicer, server), public=False)
 
 
 # -- caller side ---------------------------------------------------------------------------------
@@ -465,6 +454,11 @@ class LinkClient(Generic[T]):
         self._decode = decode
         self._fallback = fallback
         self._link: _Link[T] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls started on the current link that have not ended."""
+        return 0 if self._link is None else len(self._link._calls)
 
     @property
     def direct(self) -> bool:

@@ -20,13 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from orchestrator.config import ConfigError, MeshConfig, load_config
-from orchestrator.errors import WireStatus
-from orchestrator.pipeline.inference import WorkerStats
-from orchestrator.runtime.link import Handler, LinkServicer
+from orchestrator.core.config import ConfigError, MeshConfig, load_config
+from orchestrator.core.errors import WireStatus
+from orchestrator.core.telemetry import Telemetry, build_telemetry
+from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry, build_telemetry
-from orchestrator.v1 import admin_pb2, admin_pb2_grpc, link_pb2_grpc
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +37,36 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 LIVENESS = "orchestrator.liveness"
 
 
+@dataclass(frozen=True)
+class Service:
+    """A gRPC service a process serves: its full name and how to add it to a server."""
+
+    name: str
+    add: Callable[[grpc.aio.Server], None]
+    # Listed in reflection and health; an internal service (the stage links) is not.
+    public: bool = True
+
+
 @dataclass
 class StageApp:
     """A stage, built from config and ready to be served."""
 
     name: str
     runtime: StageRuntime
-    register: Callable[[grpc.aio.Server], None]
-    service_names: Sequence[str]
+    services: Sequence[Service]
+    # The calls this stage makes to the next one (None for the first stage of the chain).
+    downstream: Downstream[Any] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    worker_stats: WorkerStats | None = None
-    worker_name: Callable[[], str] = lambda: ""
+    # What GetStatus reports of the stage's model worker, if it has one.
+    worker_status: Callable[[], admin_pb2.WorkerStatus] | None = None
     # Re-apply a freshly loaded config (the inference stage swaps its worker); None: nothing to reload.
     reload: Callable[[MeshConfig], Awaitable[str]] | None = None
     readiness_listener: Callable[[bool], None] | None = None
-    # The stage's RPC method, also served to callers over stage links (LinkService).
-    handler: Handler | None = None
+
+    @property
+    def service_names(self) -> list[str]:
+        """The services health and reflection report."""
+        return [s.name for s in self.services if s.public]
 
     def set_ready(self, ready: bool) -> None:
         """Report SERVING or NOT_SERVING (e.g. while a worker's circuit breaker is open)."""
@@ -61,6 +74,8 @@ class StageApp:
             self.readiness_listener(ready)
 
     async def close(self) -> None:
+        if self.downstream is not None:
+            await self.downstream.close()
         for closer in self.closers:
             await closer()
 
@@ -88,8 +103,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
         out = self._app.runtime.status()
-        if self._app.worker_stats is not None:
-            fill_worker_status(out.worker, self._app.worker_name(), self._app.worker_stats)
+        if self._app.worker_status is not None:
+            out.worker.CopyFrom(self._app.worker_status())
         return out
 
 
@@ -172,13 +187,6 @@ class RunningStage:
         self.metrics_address = f"{host}:{server.server_port}"
 
 
-def fill_worker_status(out: admin_pb2.WorkerStatus, name: str, stats: WorkerStats) -> None:
-    out.name = name
-    out.active = stats.active
-    out.tokens_generated = stats.tokens_generated
-    out.last_generation_end_unix_nanos = stats.last_generation_end_unix_nanos
-
-
 def new_server() -> grpc.aio.Server:
     # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
     return grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -228,9 +236,8 @@ def load_config_or_report(path: str | None, prog: str) -> MeshConfig | None:
 async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
     server = new_server()
-    app.register(server)
-    if app.handler is not None:
-        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(app.handler, app.runtime.telemetry), server)
+    for service in app.services:
+        service.add(server)
     admin = AdminServicer(app)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_servicer = add_health_and_reflection(server, app.service_names)

@@ -12,14 +12,15 @@ from typing import TypeVar
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Span
 
-from orchestrator.config import LimitsConfig, MeshConfig
-from orchestrator.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
-from orchestrator.pipeline.scope import Scope
-from orchestrator.requests import normalize_request
-from orchestrator.runtime.admission import Admission
-from orchestrator.runtime.link import CallContext
-from orchestrator.runtime.telemetry import Telemetry, mark_span
+from orchestrator.core.calls import CallContext
+from orchestrator.core.config import LimitsConfig, MeshConfig
+from orchestrator.core.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
+from orchestrator.core.requests import normalize_request
+from orchestrator.core.scope import Scope
+from orchestrator.core.telemetry import Telemetry, mark_span
+from orchestrator.runtime.admission import Admission, Slot
 from orchestrator.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ class StageRuntime:
         limits: LimitsConfig,
         telemetry: Telemetry | None = None,
         rpc: str = "",
+        record_input: bool = False,
     ) -> None:
         self.stage = stage
         self.rpc = rpc or stage
+        # Put the request's input on the span (user data: only the edge, only when configured).
+        self.record_input = record_input
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
         self.admission = Admission(stage, capacity, concurrency, self.telemetry)
@@ -64,7 +68,9 @@ class StageRuntime:
         self.telemetry.set_queue_limits(stage, capacity, concurrency)
 
     @classmethod
-    def for_stage(cls, stage: str, cfg: MeshConfig, telemetry: Telemetry, rpc: str = "") -> StageRuntime:
+    def for_stage(
+        cls, stage: str, cfg: MeshConfig, telemetry: Telemetry, rpc: str = "", *, record_input: bool = False
+    ) -> StageRuntime:
         """The runtime of ``stage`` with its queue capacity and concurrency from ``cfg``."""
         own = cfg.stage(stage)
         return cls(
@@ -74,6 +80,7 @@ class StageRuntime:
             limits=cfg.limits,
             telemetry=telemetry,
             rpc=rpc,
+            record_input=record_input,
         )
 
     @property
@@ -104,80 +111,123 @@ class StageRuntime:
         first message; a shed always happens before any message.
         """
         started = time.perf_counter()
-        outcome = "error"
-        span = self.telemetry.server_span(self.rpc, context.invocation_metadata())
-        # Make the span current for this RPC's task so downstream calls become its children.
-        token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+        span, token = self._open_span(context)
         scope: Scope | None = None
-        self._in_flight += 1
-        self.telemetry.record_in_flight(self.stage, self._in_flight)
+        outcome = "error"
+        self._track(+1)
         try:
-            if self.draining:
-                # UNAVAILABLE before any message: the caller may retry on another replica.
-                raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
-            normalize_request(request, self.limits)
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "orchestrator.stage": self.stage,
-                        "orchestrator.request_id": request.request_id,
-                        "orchestrator.session_id": request.session.id,
-                        "orchestrator.input_chars": len(request.input),
-                        "orchestrator.queue.depth": self.admission.waiting,
-                        "orchestrator.queue.capacity": self.admission.capacity,
-                    }
-                )
-                if self.telemetry.record_text and self.stage == "stream":
-                    span.set_attribute("orchestrator.input", request.input)
+            self._accept(request, span)
             slot = await self.admission.acquire()
             async with slot:
-                self.telemetry.record_queue_wait(self.stage, slot.queue_s)
-                span.set_attribute("orchestrator.queue.wait_ms", slot.queue_s * 1000)
-                scope = Scope(
-                    self.stage, request.request_id, slot.queue_s, slot.admitted_at, span=span, telemetry=self.telemetry
-                )
+                scope = self._scope(request, slot, span)
                 async for message in body(scope):
                     yield message
             outcome = "ok"
             self.outcomes.ok += 1
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled, or closed by gRPC between messages: either way the caller went away.
-            outcome = self._cancel_outcome(context)
-            self.outcomes.cancelled += 1
-            code = "DEADLINE_EXCEEDED" if outcome == "deadline" else "CANCELLED"
-            mark_span(span, code, "the caller went away", event=outcome)
-            log.info("stage=%s request=%s %s", self.stage, request.request_id, outcome)
+            outcome = self._cancelled(request, context, span)
             raise
         except OrchestratorError as err:
-            err.stage = err.stage or self.stage
-            outcome = self._error_outcome(err)
-            event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
-            mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
-            span.set_attribute("orchestrator.failed_stage", err.stage)
-            self._log_error(request.request_id, err, outcome)
-            to_status(err).set_on(context)
+            outcome = self._failed(request, context, span, err)
         except Exception as exc:
-            self.outcomes.failed += 1
-            mark_span(span, "INTERNAL", type(exc).__name__)
-            log.exception("stage=%s request=%s failed", self.stage, request.request_id)
-            WireStatus(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage").set_on(context)
+            outcome = self._crashed(request, context, span, exc)
         finally:
-            self._in_flight -= 1
-            self.telemetry.record_in_flight(self.stage, self._in_flight)
-            if self._in_flight == 0:
-                self._idle.set()
+            self._track(-1)
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
-            if span.is_recording():
-                span.set_attribute("orchestrator.outcome", outcome)
-                if scope is not None:
-                    span.set_attributes(
-                        {"orchestrator.tokens.in": scope.tokens_in, "orchestrator.tokens.out": scope.tokens_out}
-                    )
-                    if scope.model:
-                        span.set_attribute("orchestrator.model", scope.model)
-            span.end()
-            if token is not None:
-                otel_context.detach(token)
+            self._close_span(span, token, outcome, scope)
+
+    # -- spans -------------------------------------------------------------------------------------
+
+    def _open_span(self, context: CallContext) -> tuple[Span, object]:
+        """The stage's SERVER span, made current for this RPC's task so downstream calls become its children."""
+        span = self.telemetry.server_span(self.rpc, context.invocation_metadata())
+        token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+        return span, token
+
+    def _describe(self, span: Span, request: types_pb2.PromptRequest) -> None:
+        span.set_attributes(
+            {
+                "orchestrator.stage": self.stage,
+                "orchestrator.request_id": request.request_id,
+                "orchestrator.session_id": request.session.id,
+                "orchestrator.input_chars": len(request.input),
+                "orchestrator.queue.depth": self.admission.waiting,
+                "orchestrator.queue.capacity": self.admission.capacity,
+            }
+        )
+        if self.record_input:
+            span.set_attribute("orchestrator.input", request.input)
+
+    @staticmethod
+    def _close_span(span: Span, token: object, outcome: str, scope: Scope | None) -> None:
+        if span.is_recording():
+            span.set_attribute("orchestrator.outcome", outcome)
+            if scope is not None:
+                span.set_attributes(
+                    {"orchestrator.tokens.in": scope.tokens_in, "orchestrator.tokens.out": scope.tokens_out}
+                )
+                if scope.model:
+                    span.set_attribute("orchestrator.model", scope.model)
+        span.end()
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+    # -- admission and accounting ------------------------------------------------------------------
+
+    def _accept(self, request: types_pb2.PromptRequest, span: Span) -> None:
+        """Refuse a request this stage must not take, before any work: draining, or invalid."""
+        if self.draining:
+            # UNAVAILABLE before any message: the caller may retry on another replica.
+            raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
+        normalize_request(request, self.limits)
+        if span.is_recording():
+            self._describe(span, request)
+
+    def _scope(self, request: types_pb2.PromptRequest, slot: Slot, span: Span) -> Scope:
+        self.telemetry.record_queue_wait(self.stage, slot.queue_s)
+        span.set_attribute("orchestrator.queue.wait_ms", slot.queue_s * 1000)
+        return Scope(
+            self.stage, request.request_id, slot.queue_s, slot.admitted_at, span=span, telemetry=self.telemetry
+        )
+
+    def _track(self, delta: int) -> None:
+        """Count a request in (+1) or out (-1) of the stage; draining waits for zero."""
+        self._in_flight += delta
+        self.telemetry.record_in_flight(self.stage, self._in_flight)
+        if self._in_flight == 0:
+            self._idle.set()
+
+    # -- how a request ended -----------------------------------------------------------------------
+
+    def _cancelled(self, request: types_pb2.PromptRequest, context: CallContext, span: Span) -> str:
+        outcome = self._cancel_outcome(context)
+        self.outcomes.cancelled += 1
+        code = "DEADLINE_EXCEEDED" if outcome == "deadline" else "CANCELLED"
+        mark_span(span, code, "the caller went away", event=outcome)
+        log.info("stage=%s request=%s %s", self.stage, request.request_id, outcome)
+        return outcome
+
+    def _failed(
+        self, request: types_pb2.PromptRequest, context: CallContext, span: Span, err: OrchestratorError
+    ) -> str:
+        """The one place an error becomes this call's status."""
+        err.stage = err.stage or self.stage
+        outcome = self._error_outcome(err)
+        event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
+        mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
+        span.set_attribute("orchestrator.failed_stage", err.stage)
+        self._log_error(request.request_id, err, outcome)
+        to_status(err).set_on(context)
+        return outcome
+
+    def _crashed(self, request: types_pb2.PromptRequest, context: CallContext, span: Span, exc: Exception) -> str:
+        """A bug: logged with its traceback, never sent; the caller gets a safe INTERNAL."""
+        self.outcomes.failed += 1
+        mark_span(span, "INTERNAL", type(exc).__name__)
+        log.error("stage=%s request=%s failed", self.stage, request.request_id, exc_info=exc)
+        WireStatus(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage").set_on(context)
+        return "error"
 
     def _log_error(self, request_id: str, err: OrchestratorError, outcome: str) -> None:
         """The stage where an error started logs it; stages it passes through only at DEBUG. Sheds are

@@ -1,44 +1,46 @@
-"""The five stage services. Each module is a thin servicer over its pipeline logic plus ``main``."""
+"""The stage services: each stage module is a thin servicer over its pipeline logic, a ``build`` and ``main``.
+
+What every stage's ``build`` shares is here: its runtime, its calls to the next stage and the services it
+serves (its own RPC, and the same handler over stage links), all read from the stage graph.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from orchestrator.config import MeshConfig
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.graph import CALLEE, EDGE, stage
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
-from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.v1 import stages_pb2, stages_pb2_grpc, types_pb2
-
-# Each stage's service and its one streaming method.
-RPCS: dict[str, tuple[str, str]] = {
-    "rag": ("RagService", "Retrieve"),
-    "assemble": ("AssembleService", "Assemble"),
-    "inference": ("InferenceService", "Infer"),
-    "post": ("PostService", "Process"),
-    "stream": ("StreamService", "Submit"),
-}
+from orchestrator.runtime.link import link_service
+from orchestrator.runtime.server import Service, StageApp
+from orchestrator.runtime.stage import StageRuntime
+from orchestrator.runtime.transport import downstream_of
+from orchestrator.v1 import stages_pb2_grpc
 
 
-def service_name(stage: str) -> str:
-    """Full gRPC service name of ``stage``, from the descriptor rather than a string literal."""
-    return str(stages_pb2.DESCRIPTOR.services_by_name[RPCS[stage][0]].full_name)
+def runtime_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
+    """The stage's runtime: its admission from config, its span name from the graph."""
+    record_input = name == EDGE and cfg.server.trace_text
+    return StageRuntime.for_stage(name, cfg, telemetry, stage(name).rpc, record_input=record_input)
 
 
-def rpc_name(stage: str) -> str:
-    """``package.Service/Method`` of ``stage``'s RPC (the span name)."""
-    return f"{service_name(stage)}/{RPCS[stage][1]}"
+def callee_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[Any]:
+    """The stage's calls to the one it calls, over the configured transport."""
+    if name not in CALLEE:
+        raise ValueError(f"the {name} stage calls no other stage")
+    return downstream_of(name, cfg, telemetry)
 
 
-def downstream(callee: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[Any]:
-    """A client of ``callee``'s replicas, as configured."""
-    service, method = RPCS[callee]
-    stub = getattr(stages_pb2_grpc, f"{service}Stub")
-    output = stages_pb2.DESCRIPTOR.services_by_name[service].methods_by_name[method].output_type
-    return Downstream(
-        callee,
-        cfg.stage(callee).addresses(),
-        lambda ch: getattr(stub(ch), method),
-        rpc_name(callee),
-        telemetry,
-        link_output=getattr(types_pb2, output.name).FromString if cfg.server.stage_links else None,
-    )
+def app_of(
+    name: str, runtime: StageRuntime, servicer: Any, downstream: Downstream[Any] | None = None, **extra: Any
+) -> StageApp:
+    """The stage as a servable app: its RPC, and the same handler over stage links."""
+    spec = stage(name)
+    add = getattr(stages_pb2_grpc, f"add_{spec.service}Servicer_to_server")
+    services = [
+        Service(spec.full_service, partial(add, servicer)),
+        link_service(getattr(servicer, spec.method), runtime.telemetry),
+    ]
+    return StageApp(name, runtime, services, downstream=downstream, **extra)

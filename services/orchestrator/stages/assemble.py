@@ -6,15 +6,14 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
-import grpc
-
-from orchestrator.config import MeshConfig
+from orchestrator.core.calls import CallContext
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import assemble
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import downstream, rpc_name, service_name
+from orchestrator.stages import app_of, callee_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "assemble"
@@ -25,7 +24,7 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
         self._rt, self._rag, self._max_chars = runtime, rag, max_chars
 
     async def Assemble(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
+        self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.AssembleOutput]:
         body = partial(assemble.assemble, request, self._rag.stream(request, context), self._max_chars)
         async for out in self._rt.serve(request, context, body):
@@ -33,18 +32,9 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
-    c = cfg.assemble
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
-    rag: Downstream[types_pb2.RagOutput] = downstream("rag", cfg, telemetry)
-    servicer = AssembleServicer(runtime, rag, c.max_prompt_chars)
-    return StageApp(
-        NAME,
-        runtime,
-        register=lambda server: stages_pb2_grpc.add_AssembleServiceServicer_to_server(servicer, server),
-        service_names=[service_name(NAME)],
-        handler=servicer.Assemble,
-        closers=[rag.close],
-    )
+    runtime = runtime_of(NAME, cfg, telemetry)
+    rag = callee_of(NAME, cfg, telemetry)
+    return app_of(NAME, runtime, AssembleServicer(runtime, rag, cfg.assemble.max_prompt_chars), rag)
 
 
 def main() -> int:

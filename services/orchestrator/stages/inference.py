@@ -8,17 +8,18 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
-import grpc
-
-from orchestrator.config import MeshConfig
+from orchestrator.core.calls import CallContext
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import inference
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import downstream, rpc_name, service_name
+from orchestrator.stages import app_of, callee_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
-from orchestrator.workers.base import ModelWorker, build_worker
+from orchestrator.workers.base import ModelWorker
+from orchestrator.workers.registry import build_worker
+from orchestrator.workers.stats import WorkerStats
 
 NAME = "inference"
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
         runtime: StageRuntime,
         assemble: Downstream[types_pb2.AssembleOutput],
         worker: ModelWorker,
-        stats: inference.WorkerStats,
+        stats: WorkerStats,
         coalesce_tokens: int,
         coalesce_ms: float,
     ) -> None:
@@ -41,7 +42,7 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
         self._closing: set[asyncio.Task[None]] = set()
 
     async def Infer(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
+        self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.InferenceOutput]:
         worker = self.worker  # a request keeps the worker it arrived with, across a swap
         self._users[worker] = self._users.get(worker, 0) + 1
@@ -88,16 +89,19 @@ class InferenceServicer(stages_pb2_grpc.InferenceServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.inference
-    stats = inference.WorkerStats()
+    stats = WorkerStats()
     # The worker's concurrency limit is the stage's: a slot is a generation.
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
-    assemble: Downstream[types_pb2.AssembleOutput] = downstream("assemble", cfg, telemetry)
+    runtime = runtime_of(NAME, cfg, telemetry)
+    assemble = callee_of(NAME, cfg, telemetry)
     app: StageApp
 
     def new_worker(config: MeshConfig) -> ModelWorker:
         # While the circuit breaker is open the stage reports NOT_SERVING.
         return build_worker(
-            config.inference.worker, telemetry, on_breaker_change=lambda is_open: app.set_ready(not is_open)
+            config.inference.worker,
+            telemetry,
+            on_breaker_change=lambda is_open: app.set_ready(not is_open),
+            stage=NAME,
         )
 
     servicer = InferenceServicer(runtime, assemble, new_worker(cfg), stats, c.coalesce_tokens, c.coalesce_ms)
@@ -106,15 +110,13 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         servicer.swap(new_worker(config))
         return servicer.worker.name
 
-    app = StageApp(
+    app = app_of(
         NAME,
         runtime,
-        register=lambda server: stages_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-        service_names=[service_name(NAME)],
-        handler=servicer.Infer,
-        closers=[assemble.close, servicer.close],
-        worker_stats=stats,
-        worker_name=lambda: servicer.worker.name,
+        servicer,
+        assemble,
+        closers=[servicer.close],
+        worker_status=lambda: stats.status(servicer.worker.name),
         reload=reload,
     )
     return app

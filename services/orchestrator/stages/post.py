@@ -6,15 +6,14 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
-import grpc
-
-from orchestrator.config import MeshConfig
+from orchestrator.core.calls import CallContext
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import post
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import downstream, rpc_name, service_name
+from orchestrator.stages import app_of, callee_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "post"
@@ -25,7 +24,7 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
         self._rt, self._inference = runtime, inference
 
     async def Process(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
+        self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.PostOutput]:
         body = partial(post.process, request, self._inference.stream(request, context))
         async for out in self._rt.serve(request, context, body):
@@ -33,17 +32,9 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
-    inference: Downstream[types_pb2.InferenceOutput] = downstream("inference", cfg, telemetry)
-    servicer = PostServicer(runtime, inference)
-    return StageApp(
-        NAME,
-        runtime,
-        register=lambda server: stages_pb2_grpc.add_PostServiceServicer_to_server(servicer, server),
-        service_names=[service_name(NAME)],
-        handler=servicer.Process,
-        closers=[inference.close],
-    )
+    runtime = runtime_of(NAME, cfg, telemetry)
+    inference = callee_of(NAME, cfg, telemetry)
+    return app_of(NAME, runtime, PostServicer(runtime, inference), inference)
 
 
 def main() -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
-
-from orchestrator.config import MeshConfig
+from orchestrator.core.calls import CallContext
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.scope import Scope
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import stream
-from orchestrator.pipeline.scope import Scope
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.telemetry import Telemetry
-from orchestrator.stages import downstream, rpc_name, service_name
+from orchestrator.stages import app_of, callee_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "stream"
@@ -30,7 +29,7 @@ class StreamServicer(stages_pb2_grpc.StreamServiceServicer):
         self._rt, self._post, self._sinks = runtime, post, sinks
 
     async def Submit(
-        self, request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext
+        self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.StreamChunk]:
         def body(scope: Scope) -> AsyncIterator[types_pb2.StreamChunk]:
             return stream.frame(request, self._post.stream(request, context), scope, self._sinks)
@@ -40,19 +39,10 @@ class StreamServicer(stages_pb2_grpc.StreamServiceServicer):
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
-    c = cfg.stream
-    runtime = StageRuntime.for_stage(NAME, cfg, telemetry, rpc_name(NAME))
-    post: Downstream[types_pb2.PostOutput] = downstream("post", cfg, telemetry)
-    sinks: list[stream.OutputSink] = [stream.LogSink()] if c.log_sink else []
-    servicer = StreamServicer(runtime, post, sinks)
-    return StageApp(
-        NAME,
-        runtime,
-        register=lambda server: stages_pb2_grpc.add_StreamServiceServicer_to_server(servicer, server),
-        service_names=[service_name(NAME)],
-        handler=servicer.Submit,
-        closers=[post.close],
-    )
+    runtime = runtime_of(NAME, cfg, telemetry)
+    post = callee_of(NAME, cfg, telemetry)
+    sinks: list[stream.OutputSink] = [stream.LogSink()] if cfg.stream.log_sink else []
+    return app_of(NAME, runtime, StreamServicer(runtime, post, sinks), post)
 
 
 def main() -> int:

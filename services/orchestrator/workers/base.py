@@ -1,14 +1,10 @@
-"""The ModelWorker interface and the registry that builds one from config."""
+"""The ModelWorker interface: what the inference stage asks of a model backend."""
 
 from __future__ import annotations
 
 import abc
-import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-from orchestrator.config import WorkerConfig
-from orchestrator.runtime.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -41,42 +37,3 @@ class ModelWorker(abc.ABC):
 
     async def close(self) -> None:
         """Release backend resources at shutdown."""
-
-
-def build_worker(
-    cfg: WorkerConfig,
-    telemetry: Telemetry | None = None,
-    env: Mapping[str, str] | None = None,
-    on_breaker_change: Callable[[bool], None] | None = None,
-) -> ModelWorker:
-    """The worker ``cfg.kind`` names. Workers that call a backend get retries and a circuit breaker."""
-    # Imported per kind: a stage pays (in start-up time and memory) only for the client it uses.
-    worker: ModelWorker
-    if cfg.kind == "echo":
-        from orchestrator.workers.echo import EchoWorker
-
-        worker = EchoWorker(cfg.echo)
-        if cfg.name:
-            worker.name = cfg.name
-        return worker
-    if cfg.kind == "openai":
-        from orchestrator.workers.openai import OpenAIWorker, read_api_key
-
-        worker = OpenAIWorker(cfg.openai, read_api_key(cfg.openai, dict(os.environ if env is None else env)))
-    elif cfg.kind == "remote":
-        from orchestrator.workers.remote import RemoteWorker
-
-        worker = RemoteWorker(cfg.remote.address)
-    else:
-        raise ValueError(f"unknown worker kind {cfg.kind!r}; known: echo, openai, remote")
-    from orchestrator.workers.resilient import CircuitBreaker, ResilientWorker
-
-    breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s, on_breaker_change, telemetry)
-    return ResilientWorker(
-        worker,
-        retries=cfg.retries,
-        backoff_s=cfg.retry_backoff_ms / 1000,
-        breaker=breaker,
-        telemetry=telemetry,
-        name=cfg.name,
-    )

@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from orchestrator.config import EchoConfig
+from orchestrator.core.config import EchoConfig
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 # A token is a word with the whitespace before it, so joining tokens restores the text.

@@ -6,24 +6,23 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from orchestrator.config import OpenAIConfig
-from orchestrator.errors import ChannelClosed, InferenceError, InvalidRequest, Overloaded
+from orchestrator.core.config import OpenAIConfig
+from orchestrator.core.errors import ChannelClosed, InferenceError, InvalidRequest, Overloaded
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 log = logging.getLogger(__name__)
 
-STAGE = "inference"
 _MAX_ERROR_BODY = 4096
 _MAX_MESSAGE = 200
 
 
-def read_api_key(cfg: OpenAIConfig, env: dict[str, str]) -> str:
+def read_api_key(cfg: OpenAIConfig, env: Mapping[str, str]) -> str:
     """The API key from ``api_key_file`` or the ``api_key_env`` variable; empty for local servers."""
     if cfg.api_key_file:
         return Path(cfg.api_key_file).read_text(encoding="utf-8").strip()
@@ -64,16 +63,16 @@ def map_http_error(status: int, headers: httpx.Headers, body: bytes) -> Exceptio
     suffix = f": {detail}" if detail else ""
     retry = retry_after_s(headers)
     if status == 429:
-        return Overloaded(f"model backend is rate limiting (HTTP 429){suffix}", stage=STAGE, retry_after_s=retry or 1.0)
+        return Overloaded(f"model backend is rate limiting (HTTP 429){suffix}", retry_after_s=retry or 1.0)
     if status in (502, 503, 504):
-        return ChannelClosed(f"model backend is unavailable (HTTP {status})", stage=STAGE, retry_after_s=retry)
+        return ChannelClosed(f"model backend is unavailable (HTTP {status})", retry_after_s=retry)
     if status in (400, 413, 422):
-        return InvalidRequest(f"model backend rejected the request (HTTP {status}){suffix}", stage=STAGE)
+        return InvalidRequest(f"model backend rejected the request (HTTP {status}){suffix}")
     if status in (401, 403):
-        return InferenceError(f"model backend refused the worker's credentials (HTTP {status})", stage=STAGE)
+        return InferenceError(f"model backend refused the worker's credentials (HTTP {status})")
     if status == 404:
-        return InferenceError("model backend has no such model or endpoint (HTTP 404)", stage=STAGE)
-    return InferenceError(f"model backend failed (HTTP {status})", stage=STAGE)
+        return InferenceError("model backend has no such model or endpoint (HTTP 404)")
+    return InferenceError(f"model backend failed (HTTP {status})")
 
 
 class OpenAIWorker(ModelWorker):
@@ -131,24 +130,24 @@ class OpenAIWorker(ModelWorker):
                         finished = True
                 if not finished:
                     # llama.cpp answers an over-long prompt with HTTP 200 and an empty stream.
-                    raise InferenceError("model backend ended the stream without finishing", stage=STAGE)
+                    raise InferenceError("model backend ended the stream without finishing")
         except httpx.ConnectError:
-            raise ChannelClosed("model backend is unreachable", stage=STAGE) from None
+            raise ChannelClosed("model backend is unreachable") from None
         except httpx.TimeoutException as exc:
             log.warning("model backend timed out: %s", type(exc).__name__)
-            raise ChannelClosed("model backend timed out", stage=STAGE) from None
+            raise ChannelClosed("model backend timed out") from None
         except httpx.HTTPError as exc:
             log.warning("model backend stream failed: %s", type(exc).__name__)
-            raise ChannelClosed("model backend connection failed mid-stream", stage=STAGE) from None
+            raise ChannelClosed("model backend connection failed mid-stream") from None
 
     def _parse(self, data: str) -> tuple[str, str | None]:
         try:
             chunk = json.loads(data)
             choice = chunk["choices"][0] if chunk.get("choices") else {}
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise InferenceError("model backend sent a malformed stream event", stage=STAGE) from None
+            raise InferenceError("model backend sent a malformed stream event") from None
         if "error" in chunk:
-            raise InferenceError("model backend reported an error mid-stream", stage=STAGE)
+            raise InferenceError("model backend reported an error mid-stream")
         # A chat stream's first delta carries only the role, no content.
         chat = self._cfg.api == "chat"
         text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")

@@ -6,16 +6,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.errors import OrchestratorError, from_rpc_error
-from orchestrator.runtime.downstream import CHANNEL_OPTIONS
+from orchestrator.core.calls import CHANNEL_OPTIONS
+from orchestrator.core.errors import OrchestratorError, from_rpc_error
 from orchestrator.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 
-def _as_inference_error(err: grpc.aio.AioRpcError) -> OrchestratorError:
-    """The worker server's failure, as the inference stage's (it is this stage's backend)."""
-    mapped = from_rpc_error(err, "inference")
-    mapped.stage = "inference"
+def _as_backend_error(err: grpc.aio.AioRpcError) -> OrchestratorError:
+    """The worker server's failure, as this stage's own (the server is its backend, not a stage)."""
+    mapped = from_rpc_error(err, "", what="model worker server")
+    mapped.stage = ""  # the stage running this worker puts its own name on it
     return mapped
 
 
@@ -46,7 +46,7 @@ class RemoteWorker(ModelWorker):
                 for token in reply.tokens:
                     yield token
         except grpc.aio.AioRpcError as err:
-            raise _as_inference_error(err) from None  # not kept in a local: its traceback holds this frame
+            raise _as_backend_error(err) from None  # not kept in a local: its traceback holds this frame
         finally:
             call.cancel()
 

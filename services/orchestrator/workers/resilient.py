@@ -7,14 +7,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from orchestrator.errors import ChannelClosed, InferenceError, OrchestratorError, Overloaded
-from orchestrator.pipeline.scope import aclose
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.core.aio import aclose
+from orchestrator.core.errors import ChannelClosed, CircuitOpen, InferenceError, OrchestratorError, Overloaded
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 log = logging.getLogger(__name__)
 
-STAGE = "inference"
 # A retry never sleeps longer than this: a backend asking for more is reported to the caller instead.
 MAX_RETRY_SLEEP_S = 2.0
 
@@ -34,7 +33,9 @@ class CircuitBreaker:
         on_change: Callable[[bool], None] | None = None,
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stage: str = "",
     ) -> None:
+        self.stage = stage  # for logs and metric labels
         self.failures = failures
         self.open_s = open_s
         self.on_change = on_change
@@ -50,8 +51,8 @@ class CircuitBreaker:
             return
         was_closed = self.state == self.CLOSED
         self.state = state
-        log.warning("circuit breaker of the %s worker is now %s", STAGE, state)
-        self._telemetry.record_breaker(STAGE, state)
+        log.warning("circuit breaker of the %s worker is now %s", self.stage or "model", state)
+        self._telemetry.record_breaker(self.stage, state)
         if self.on_change is not None and was_closed != (state == self.CLOSED):
             self.on_change(state != self.CLOSED)
 
@@ -60,16 +61,12 @@ class CircuitBreaker:
         if self.state == self.OPEN:
             remaining = self._opened_at + self.open_s - self._clock()
             if remaining > 0:
-                raise ChannelClosed(
-                    "model backend is failing; circuit breaker open", stage=STAGE, retry_after_s=remaining
-                )
+                raise CircuitOpen("model backend is failing; circuit breaker open", retry_after_s=remaining)
             self._move(self.HALF_OPEN)
         if self.state == self.HALF_OPEN:
             if self._probe_out:
-                raise ChannelClosed(
-                    "model backend is being probed; circuit breaker half-open",
-                    stage=STAGE,
-                    retry_after_s=min(1.0, self.open_s),
+                raise CircuitOpen(
+                    "model backend is being probed; circuit breaker half-open", retry_after_s=min(1.0, self.open_s)
                 )
             self._probe_out = True
 
@@ -96,7 +93,7 @@ def is_backend_failure(err: OrchestratorError) -> bool:
 
 
 def is_retryable(err: OrchestratorError) -> bool:
-    return isinstance(err, ChannelClosed | InferenceError | Overloaded) and "circuit breaker" not in err.message
+    return isinstance(err, ChannelClosed | InferenceError | Overloaded) and not isinstance(err, CircuitOpen)
 
 
 class ResilientWorker(ModelWorker):
@@ -112,7 +109,9 @@ class ResilientWorker(ModelWorker):
         breaker: CircuitBreaker,
         telemetry: Telemetry | None = None,
         name: str = "",
+        stage: str = "",
     ) -> None:
+        self.stage = stage  # for metric labels
         self.inner = inner
         self.name = name or inner.name
         self.retries = retries
@@ -143,7 +142,7 @@ class ResilientWorker(ModelWorker):
                 if not is_retryable(err) or attempt >= self.retries or delay > MAX_RETRY_SLEEP_S:
                     raise
                 attempt += 1
-                self._telemetry.record_retry(STAGE)
+                self._telemetry.record_retry(self.stage)
                 log.info(
                     "request=%s retrying the worker (%d/%d) in %.0f ms: %s",
                     request.request_id,

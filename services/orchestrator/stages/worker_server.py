@@ -10,14 +10,12 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2
 
-from orchestrator.config import WorkerConfig
-from orchestrator.errors import OrchestratorError, to_status
-from orchestrator.pipeline.inference import WorkerStats, monitored
+from orchestrator.core.config import WorkerConfig
+from orchestrator.core.errors import OrchestratorError, to_status
 from orchestrator.runtime.server import (
     add_health_and_reflection,
     bind,
     configure_logging,
-    fill_worker_status,
     load_config_or_report,
     new_server,
     run_loop,
@@ -26,7 +24,9 @@ from orchestrator.runtime.server import (
     write_ready_file,
 )
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
-from orchestrator.workers.base import GenerationRequest, ModelWorker, build_worker
+from orchestrator.workers.base import GenerationRequest, ModelWorker
+from orchestrator.workers.registry import build_worker
+from orchestrator.workers.stats import WorkerStats, monitored
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
-        out = admin_pb2.GetStatusResponse(stage="worker")
-        fill_worker_status(out.worker, self._name, self._stats)
-        return out
+        return admin_pb2.GetStatusResponse(stage="worker", worker=self._stats.status(self._name))
 
 
 async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None, gc_full_every: int) -> None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from orchestrator.config import MeshConfig
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.graph import STAGES
+from orchestrator.core.requests import normalize_request
+from orchestrator.core.scope import Scope
 from orchestrator.pipeline import assemble, inference, post, rag, stream
-from orchestrator.pipeline.scope import Scope
-from orchestrator.requests import normalize_request
 from orchestrator.runtime.admission import Admission
 from orchestrator.v1 import types_pb2
-from orchestrator.workers.base import ModelWorker, build_worker
+from orchestrator.workers.base import ModelWorker
+from orchestrator.workers.registry import build_worker
+from orchestrator.workers.stats import WorkerStats
 
 T = TypeVar("T")
 
@@ -33,11 +36,10 @@ class LocalPipeline:
     def __init__(self, cfg: MeshConfig, worker: ModelWorker | None = None) -> None:
         self.cfg = cfg
         self.worker = worker or build_worker(cfg.inference.worker)
-        self.worker_stats = inference.WorkerStats()
+        self.worker_stats = WorkerStats()
         self._index = rag.Bm25Index(rag.load_documents(cfg.rag.documents))
         self.admissions = {
-            name: Admission(name, cfg.stage(name).queue_capacity, cfg.stage(name).concurrency)
-            for name in ("rag", "assemble", "inference", "post", "stream")
+            name: Admission(name, cfg.stage(name).queue_capacity, cfg.stage(name).concurrency) for name in STAGES
         }
 
     def submit(self, request: types_pb2.PromptRequest) -> AsyncIterator[types_pb2.StreamChunk]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from orchestrator.runtime.telemetry import Telemetry
+from orchestrator.core.telemetry import Telemetry
 from orchestrator.v1 import types_pb2
 
 _NO_TELEMETRY = Telemetry()
@@ -44,10 +42,3 @@ class Scope:
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.admitted_at
-
-
-async def aclose(stream: AsyncIterator[Any]) -> None:
-    """Close an async generator now (its ``finally`` runs here), not at garbage collection."""
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()

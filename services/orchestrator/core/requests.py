@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import uuid
 
-from orchestrator.config import LimitsConfig
-from orchestrator.errors import InvalidRequest
+from orchestrator.core.config import LimitsConfig
+from orchestrator.core.errors import InvalidRequest
 from orchestrator.v1 import types_pb2
 
 MAX_REQUEST_ID_CHARS = 128

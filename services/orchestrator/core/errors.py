@@ -64,6 +64,12 @@ class ChannelClosed(OrchestratorError):
     reason = "CHANNEL_CLOSED"
 
 
+class CircuitOpen(ChannelClosed):
+    """A model backend kept failing: its circuit breaker fails requests fast for a while (not retried)."""
+
+    reason = "CIRCUIT_OPEN"
+
+
 class DeadlineExceeded(OrchestratorError):
     """The caller's deadline passed before the work finished."""
 
@@ -94,7 +100,16 @@ class OtherError(OrchestratorError):
 
 _BY_REASON: dict[str, type[OrchestratorError]] = {
     cls.reason: cls
-    for cls in (InvalidRequest, Overloaded, ChannelClosed, DeadlineExceeded, Cancelled, InferenceError, OtherError)
+    for cls in (
+        InvalidRequest,
+        Overloaded,
+        ChannelClosed,
+        CircuitOpen,
+        DeadlineExceeded,
+        Cancelled,
+        InferenceError,
+        OtherError,
+    )
 }
 
 
@@ -178,11 +193,12 @@ def decode_status(
     return DecodedStatus(code, details or "", reason, stage, retry_after_s, metadata)
 
 
-def from_rpc_error(err: grpc.aio.AioRpcError, callee: str) -> OrchestratorError:
+def from_rpc_error(err: grpc.aio.AioRpcError, callee: str, what: str = "") -> OrchestratorError:
     """Rebuild the error a downstream stage reported, so it passes up the chain unchanged.
 
     Statuses produced by gRPC itself (connection lost, deadline) carry no ErrorInfo;
-    they are attributed to ``callee``, the stage we were calling.
+    they are attributed to ``callee``, the stage we were calling, and described as
+    ``what`` (default: "<callee> stage").
     """
     decoded = decode_status(err.code(), err.details(), err.trailing_metadata())
     cls = _BY_REASON.get(decoded.reason)
@@ -193,13 +209,14 @@ def from_rpc_error(err: grpc.aio.AioRpcError, callee: str) -> OrchestratorError:
             retry_after_s=decoded.retry_after_s,
             metadata=decoded.metadata,
         )
+    what = what or f"{callee} stage"
     code = err.code()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ChannelClosed(f"{callee} stage is unavailable", stage=callee)
+        return ChannelClosed(f"{what} is unavailable", stage=callee)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"deadline exceeded waiting for the {callee} stage", stage=callee)
+        return DeadlineExceeded(f"deadline exceeded waiting for the {what}", stage=callee)
     if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(f"call to the {callee} stage was cancelled", stage=callee)
+        return Cancelled(f"call to the {what} was cancelled", stage=callee)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(f"{callee} stage is out of resources", stage=callee)
-    return OtherError(f"{callee} stage failed ({code.name})", stage=callee)
+        return Overloaded(f"{what} is out of resources", stage=callee)
+    return OtherError(f"{what} failed ({code.name})", stage=callee)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator.core.graph import STAGES
+
 ENV_PREFIX = "ORCH"
 CONFIG_ENV = "ORCH_CONFIG"
-STAGES = ("rag", "assemble", "inference", "post", "stream")
 
 
 def _f(default: Any, help: str) -> Any:

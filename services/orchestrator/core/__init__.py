@@ -1,0 +1,1 @@
+"""The bottom layer: what every other layer shares (config, the stage graph, the call seam, errors, telemetry)."""

@@ -1,0 +1,67 @@
+"""The one place that decides how a stage reaches a replica of the next: a plain gRPC call per request,
+or a call on a stage link (``server.stage_links``).
+
+Each transport owns the channel it opened and closes it with itself; ``Downstream`` sees only the
+``Transport`` protocol, so a new transport is added here and nowhere in the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from orchestrator.core.calls import CHANNEL_OPTIONS, Call, Metadata, Transport
+from orchestrator.core.config import MeshConfig
+from orchestrator.core.graph import CALLEE, Stage, stage
+from orchestrator.core.telemetry import Telemetry
+from orchestrator.runtime.downstream import Downstream
+from orchestrator.runtime.link import LinkClient
+from orchestrator.v1 import stages_pb2_grpc, types_pb2
+
+
+class PlainTransport:
+    """One gRPC call of the callee's RPC per request."""
+
+    def __init__(self, channel: grpc.aio.Channel, method: Any) -> None:
+        self._channel = channel
+        self._method = method
+
+    def __call__(
+        self, request: types_pb2.PromptRequest, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Call:
+        call: Call = self._method(request, timeout=timeout, metadata=metadata)
+        return call
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class LinkTransport(LinkClient[Any]):
+    """Calls on one stage link to the replica (falling back to its RPC if it serves no links)."""
+
+    def __init__(self, channel: grpc.aio.Channel, callee: Stage, method: Any, telemetry: Telemetry) -> None:
+        super().__init__(channel, callee.name, callee.output.FromString, fallback=method, telemetry=telemetry)
+        self._channel = channel
+
+    async def close(self) -> None:
+        await super().close()
+        await self._channel.close()
+
+
+def connect(callee: Stage, address: str, *, links: bool, telemetry: Telemetry) -> Transport:
+    """A transport to the replica of ``callee`` at ``address``."""
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    method = getattr(getattr(stages_pb2_grpc, f"{callee.service}Stub")(channel), callee.method)
+    if links:
+        return LinkTransport(channel, callee, method, telemetry)
+    return PlainTransport(channel, method)
+
+
+def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[Any]:
+    """The calls ``caller`` makes to its callee's replicas, as configured."""
+    callee = stage(CALLEE[caller])
+    addresses: Sequence[str] = cfg.stage(callee.name).addresses()
+    transports = {addr: connect(callee, addr, links=cfg.server.stage_links, telemetry=telemetry) for addr in addresses}
+    return Downstream(callee.name, transports, callee.rpc, telemetry)
