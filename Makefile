@@ -96,10 +96,10 @@ docs: $(STAMP)
 
 # Benchmarks: results (JSON, Markdown, PNG) land in bench-results/ (git-ignored).
 bench: $(STAMP)
-	$(BIN)/orchestrator bench --out bench-results/latest
+	$(PY) -m bench --out bench-results/latest $(ARGS)
 
 bench-full: $(STAMP)
-	$(BIN)/orchestrator bench --full --out bench-results/full
+	$(PY) -m bench --full --out bench-results/full $(ARGS)
 
 # The mesh with Jaeger and Prometheus on a Docker host (needs Docker with the compose plugin).
 up:

@@ -8,7 +8,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
-from orchestrator.bench.otlp_sink import OtlpSink
+from bench.otlp_sink import OtlpSink
 
 
 def _value(v: common_pb2.AnyValue) -> Any:

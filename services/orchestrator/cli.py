@@ -91,39 +91,6 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
     return 0 if ok and not bad else 1
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import shutil
-
-    from orchestrator.bench.report import markdown, plots
-    from orchestrator.bench.suite import SCENARIOS, mesh_env, run_suite, write_json
-    from orchestrator.runtime.server import settle_gc
-
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()] if args.scenarios else list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        print(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # The load generator's collector is set like the stages' (see settle_gc), so its own pauses
-    # do not show up as theirs in the tails it measures.
-    settle_gc(load_config(env=mesh_env({})).server.gc_full_every)
-    results = asyncio.run(run_suite(names, args.scale or (3.0 if args.full else 1.0)))
-    write_json(results, out / "results.json")
-    command = "make bench-full" if args.full else "make bench"
-    (out / "results.md").write_text(markdown(results, command))
-    written = plots(results, out)
-    print((out / "results.md").read_text())
-    print(f"results: {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in written))
-    if args.publish:
-        dest = Path(args.publish)
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in [out / "results.md", *written]:
-            shutil.copy(path, dest / path.name)
-        print(f"published to {dest}")
-    return 0
-
-
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
@@ -192,7 +159,7 @@ def _run_stage(module: object, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="orchestrator", description="Run the mesh, its demo or one stage; check configuration; benchmark."
+        prog="orchestrator", description="Run the mesh, its demo or one stage; check configuration and status."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help in (
@@ -212,14 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
-    p = sub.add_parser("bench", help="benchmark the mesh against its floors (JSON, Markdown and PNG plots)")
-    p.add_argument("--scenarios", help="comma-separated (default: all)")
-    p.add_argument("--full", action="store_true", help="3x longer runs (make bench-full)")
-    p.add_argument(
-        "--scale", type=float, default=None, help="multiply run durations by this (default 1, 3 with --full)"
-    )
-    p.add_argument("--out", default="bench-results/latest", help="results folder (default: %(default)s)")
-    p.add_argument("--publish", help="also copy results.md and the plots here (e.g. docs/perf)")
     sub.add_parser(
         "worker-server", help="serve the configured model worker over ModelWorkerService (see --help)", add_help=False
     )
@@ -240,8 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_metrics() if args.metrics else describe_settings())
         return 0
-    if args.command == "bench":
-        return _bench(args)
     if args.command == "status":
         return _status(args)
     if args.command == "health":

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env
+from tests.conftest import ROOT, clean_env
 
 pytestmark = pytest.mark.mesh
-
-BIN = Path(sys.executable).parent
 
 
 def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
@@ -21,7 +19,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     env = clean_env()
     done = subprocess.run(
         [
-            str(BIN / "orchestrator"),
+            sys.executable,
+            "-m",
             "bench",
             "--scenarios",
             "latency,cancel",
@@ -37,6 +36,7 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
         timeout=300,
         check=False,
         env=env,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -58,11 +58,12 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path) -> None:
 
 def test_unknown_scenario_is_refused() -> None:
     done = subprocess.run(
-        [str(BIN / "orchestrator"), "bench", "--scenarios", "nope"],
+        [sys.executable, "-m", "bench", "--scenarios", "nope"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        cwd=ROOT,
     )
     assert done.returncode == 2
     assert "unknown scenario(s) nope" in done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.bench.loadgen import RunResult, Sample, joined
+from bench.loadgen import RunResult, Sample, joined
 
 
 def sample(started: float, total: float = 0.002) -> Sample:

@@ -7,301 +7,30 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from orchestrator.bench import procstats
-from orchestrator.bench.loadgen import RunResult, Sample, closed_loop, joined, open_loop
-from orchestrator.core.config import load_config
-from orchestrator.core.graph import STAGES
-from orchestrator.launcher import Mesh, start_mesh
-from orchestrator.stages.local import LocalPipeline
-from orchestrator.v1 import admin_pb2, admin_pb2_grpc, types_pb2
-from orchestrator_client import AsyncOrchestratorClient, build_request
-
-SINGLE_HOP = "single-hop floor"
-BARE_CHAIN = "bare chain floor"
-LINK_CHAIN = "link chain floor"
-
-# Long enough that the echo worker always has more tokens than any preset asks for.
-BENCH_INPUT = "How do bounded queues and load shedding keep streaming latency low under overload? " + " ".join(
-    f"word{i}" for i in range(200)
+from bench.measure import measure, measure_in_turns, pct, ratio, rss
+from bench.targets import (
+    BARE_CHAIN,
+    BENCH_INPUT,
+    LINK_CHAIN,
+    SINGLE_HOP,
+    LocalTarget,
+    mesh_env,
+    start_hop,
+    start_mesh_target,
 )
-
-
-# -- targets -------------------------------------------------------------------------------------
-
-
-class Target:
-    """Something that answers PromptRequests with StreamChunks; ``pids`` are its server processes."""
-
-    name = "target"
-    pids: dict[str, int]
-
-    def submit(self, tokens: int) -> Callable[[int], AsyncIterator[types_pb2.StreamChunk]]:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Stop what the target started."""
-
-
-class GrpcTarget(Target):
-    def __init__(self, name: str, address: str, pids: dict[str, int]) -> None:
-        self.name = name
-        self.address = address
-        self.pids = pids
-        self.client = AsyncOrchestratorClient(address)
-
-    def submit(self, tokens: int) -> Callable[[int], AsyncIterator[types_pb2.StreamChunk]]:
-        def one(i: int) -> AsyncIterator[types_pb2.StreamChunk]:
-            return self.client.submit_request(
-                build_request(BENCH_INPUT, session=f"bench-{i % 256}", max_tokens=tokens), timeout=120
-            )
-
-        return one
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-class MeshTarget(GrpcTarget):
-    def __init__(self, mesh: Mesh) -> None:
-        super().__init__("mesh", mesh.entry, {name: p.popen.pid for name, p in mesh.stages.items()})
-        self.mesh = mesh
-
-    async def close(self) -> None:
-        await super().close()
-        await asyncio.to_thread(self.mesh.stop)
-
-
-class HopTarget(GrpcTarget):
-    """Bare grpc.aio processes: one (the single-hop floor) or a relay chain (the bare chain floor)."""
-
-    def __init__(self, name: str, procs: list[subprocess.Popen[bytes]], address: str) -> None:
-        super().__init__(name, address, {f"hop{i}": proc.pid for i, proc in enumerate(procs)})
-        self.procs = procs
-
-    async def close(self) -> None:
-        await super().close()
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            await asyncio.to_thread(proc.wait, 10)
-
-
-class LocalTarget(Target):
-    def __init__(self, env: dict[str, str]) -> None:
-        self.name = "in-process floor"
-        self.pipeline = LocalPipeline(load_config(env=env))
-        self.pids = {"bench": os.getpid()}
-
-    def submit(self, tokens: int) -> Callable[[int], AsyncIterator[types_pb2.StreamChunk]]:
-        def one(i: int) -> AsyncIterator[types_pb2.StreamChunk]:
-            return self.pipeline.submit(build_request(BENCH_INPUT, session=f"bench-{i % 256}", max_tokens=tokens))
-
-        return one
-
-
-def mesh_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "OTEL_"))}
-    for stage in STAGES:
-        env[f"ORCH_{stage.upper()}_PORT"] = "0"
-        env[f"ORCH_{stage.upper()}_METRICS_PORT"] = "-1"
-    env["ORCH_SERVER_LOG_LEVEL"] = "WARNING"
-    env.update(extra)
-    return env
-
-
-async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
-    mesh = await asyncio.to_thread(start_mesh, run_dir, env=mesh_env(extra), timeout_s=60)
-    return MeshTarget(mesh)
-
-
-async def _start_hop_process(
-    run_dir: Path, next_address: str | None, links: bool, loop: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
-    argv = [sys.executable, "-m", "orchestrator.bench.hop", "--ready-file", str(ready), "--event-loop", loop]
-    if next_address:
-        argv += ["--next", next_address]
-    if links:
-        argv.append("--links")
-    proc = await asyncio.to_thread(subprocess.Popen, argv)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("a floor server did not start")
-        await asyncio.sleep(0.02)
-    address = json.loads(ready.read_text())["address"]
-    # The hop server has no health service: a channel that connects is enough.
-    async with grpc.aio.insecure_channel(address) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-    return proc, address
-
-
-async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False) -> HopTarget:
-    """The single-hop floor (one process), or a chain of ``processes`` relaying to the last one: the bare chain
-    floor (a gRPC call per request per hop) or, with ``stage_links``, the link chain floor."""
-    # Floors run on the same event loop as the stages, so a ratio compares like with like.
-    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
-    procs: list[subprocess.Popen[bytes]] = []
-    address: str | None = None
-    try:
-        for _ in range(processes):
-            proc, address = await _start_hop_process(run_dir, address, stage_links, loop)
-            procs.append(proc)
-    except BaseException:
-        for proc in procs:
-            proc.kill()
-        raise
-    assert address is not None
-    name = SINGLE_HOP if processes == 1 else (LINK_CHAIN if stage_links else BARE_CHAIN)
-    return HopTarget(name, procs, address)
-
-
-# -- summaries -----------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 3)
-
-
-def summarize(
-    scenario: str,
-    target: Target,
-    result: RunResult,
-    *,
-    mode: str,
-    tokens: int,
-    concurrency: int = 0,
-    rate: float = 0.0,
-    cpu_s: float = 0.0,
-) -> dict[str, Any]:
-    sent = result.started_in_window()
-    ok = [s for s in sent if s.outcome == "ok"]
-    shed = [s for s in sent if s.outcome == "shed"]
-    done_ok = [s for s in result.completed_in_window() if s.outcome == "ok"]
-    ttfc = [s.ttfc_s for s in ok if s.ttfc_s is not None]
-    total = [s.total_s for s in ok]
-    return {
-        "scenario": scenario,
-        "target": target.name,
-        "mode": mode,
-        "concurrency": concurrency,
-        "offered_rps": rate,
-        "tokens": tokens,
-        "window_s": round(result.window_s, 3),
-        "requests": len(sent),
-        "ok": len(ok),
-        "shed": len(shed),
-        "errors": len(sent) - len(ok) - len(shed),
-        "rps": round(len(done_ok) / result.window_s, 2),
-        "tokens_per_s": round(sum(s.tokens for s in done_ok) / result.window_s, 1),
-        "shed_rate": round(len(shed) / max(1, len(sent)), 4),
-        "ttfc_ms": {q: ms(pct(ttfc, q)) for q in (50, 90, 99)} | {"max": ms(max(ttfc, default=None))},
-        "total_ms": {q: ms(pct(total, q)) for q in (50, 90, 99)} | {"max": ms(max(total, default=None))},
-        "shed_reply_ms": {q: ms(pct([s.total_s for s in shed], q)) for q in (50, 99)},
-        "cpu_ms_per_request": round(cpu_s * 1000 / max(1, len(done_ok)), 3) if cpu_s else None,
-    }
-
-
-def cpu_total(pids: dict[str, int]) -> float:
-    return sum(procstats.cpu_seconds(pid) for pid in pids.values())
-
-
-async def _with_cpu(target: Target, run: Awaitable[RunResult]) -> tuple[RunResult, float]:
-    """``run``'s result and the CPU seconds ``target``'s processes spent in its measurement window
-    (their CPU over the whole run, warm-up included, scaled to the window)."""
-    before, started = cpu_total(target.pids), time.perf_counter()
-    result = await run
-    spent = cpu_total(target.pids) - before
-    return result, spent * result.window_s / max(1e-9, time.perf_counter() - started)
-
-
-async def measure(
-    scenario: str,
-    target: Target,
-    *,
-    tokens: int,
-    duration_s: float,
-    warmup_s: float,
-    concurrency: int = 0,
-    rate: float = 0.0,
-) -> dict[str, Any]:
-    submit = target.submit(tokens)
-    mode = "open" if rate else "closed"
-    label = f"{scenario}: {target.name} N={tokens} " + (f"{rate:.0f}/s" if rate else f"C={concurrency}")
-    load = (
-        open_loop(submit, rate, duration_s, warmup_s, label)
-        if rate
-        else closed_loop(submit, concurrency, duration_s, warmup_s, label)
-    )
-    result, cpu_s = await _with_cpu(target, load)
-    return summarize(
-        scenario, target, result, mode=mode, tokens=tokens, concurrency=concurrency, rate=rate, cpu_s=cpu_s
-    ) | {"samples": [_sample_row(s) for s in result.started_in_window()]}
-
-
-async def measure_in_turns(
-    scenario: str, targets: Sequence[Target], *, tokens: int, duration_s: float, warmup_s: float, turns: int = 8
-) -> list[dict[str, Any]]:
-    """One request at a time (C=1) to each target, the targets taking turns in ``turns`` blocks: each block
-    is a warm closed loop like ``measure``'s, and a slow or fast spell of the machine falls on every target
-    alike instead of on whichever was measured then. What unloaded latency ratios need on a shared machine."""
-    blocks: dict[str, list[RunResult]] = {t.name: [] for t in targets}
-    cpu = dict.fromkeys(blocks, 0.0)
-    for turn in range(turns):
-        for target in targets:
-            label = f"{scenario}: {target.name} N={tokens} C=1 ({turn + 1}/{turns})"
-            # A short warm-up per block: the target's processes were idle during the others' turns.
-            warmup = warmup_s if turn == 0 else warmup_s / 10
-            block, cpu_s = await _with_cpu(
-                target, closed_loop(target.submit(tokens), 1, duration_s / turns, warmup, label)
-            )
-            cpu[target.name] += cpu_s
-            blocks[target.name].append(block)
-    runs = []
-    for target in targets:
-        result = joined(blocks[target.name])
-        runs.append(
-            summarize(scenario, target, result, mode="closed", tokens=tokens, concurrency=1, cpu_s=cpu[target.name])
-            | {"samples": [_sample_row(s) for s in result.started_in_window()], "turns": turns}
-        )
-    return runs
-
-
-def _sample_row(s: Sample) -> tuple[str, float | None, float]:
-    return (s.outcome, s.ttfc_s, s.total_s)
-
-
-def rss(target: Target) -> dict[str, dict[str, float]]:
-    return {
-        name: {"rss_mb": round(procstats.rss_mb(pid), 1), "peak_mb": round(procstats.peak_rss_mb(pid), 1)}
-        for name, pid in target.pids.items()
-    }
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else round(a / b, 3)
-
-
-# -- scenarios -----------------------------------------------------------------------------------
+from orchestrator.core.graph import STAGES
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator_client import build_request
 
 
 @dataclass
@@ -522,7 +251,7 @@ async def scenario_cancel(ctx: Context) -> None:
 
 
 async def scenario_tracing(ctx: Context) -> None:
-    from orchestrator.bench.otlp_sink import OtlpSink
+    from bench.otlp_sink import OtlpSink
 
     sink = OtlpSink().start()
     try:
