@@ -12,7 +12,10 @@ LLAMA_STAMP := $(VENV)/.llama-installed
 # library (the server needs only libllama), no -O3. The wheel is built for this machine only.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE=$(CURDIR)/tests/tools/llama_no_common.cmake -DCMAKE_C_FLAGS_RELEASE=-DNDEBUG -DCMAKE_CXX_FLAGS_RELEASE=-DNDEBUG
 PROTO_FILES := $(wildcard protos/orchestrator/v1/*.proto)
-GEN_DIR := services
+# The generated Python lives beside the .proto files: protos/ is also the prompt-orchestrator-protos package.
+GEN_DIR := protos
+GEN_PKG := $(GEN_DIR)/orchestrator/v1
+GENERATED := '$(GEN_PKG)/*_pb2*'
 
 .PHONY: bench bench-full docs llama-deps help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
 
@@ -21,17 +24,19 @@ help:
 	@echo "make mesh         start the five stages and keep them in the foreground (Ctrl-C stops)"
 	@echo "make test         lint, proto checks and the whole test suite"
 	@echo "make test-quick   unit and in-process tests only"
-	@echo "make protos       regenerate services/orchestrator/v1 from protos/"
+	@echo "make protos       regenerate the Python code beside the .proto files in protos/"
 	@echo "make check-protos fail if the committed generated code drifted"
-	@echo "make lint         ruff + mypy"
+	@echo "make lint         ruff + mypy + the layer contract (import-linter)"
 	@echo "make validate     check pipeline.toml (and ORCH_* overrides)"
 	@echo "make bench        benchmark the mesh against its floors (a few minutes); bench-full: longer"
 	@echo "make up / down    the mesh + Jaeger + Prometheus with Docker Compose (deploy/compose.yaml)"
 
-$(STAMP): pyproject.toml constraints.txt
+# Three distributions from this repository: the protocol (protos/), the client (orchestrator_client/) and the
+# server (.), which depends on both.
+$(STAMP): pyproject.toml protos/pyproject.toml orchestrator_client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==26.3
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e ./protos -e ./orchestrator_client -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,32 +48,32 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 node-deps: $(NODE_STAMP)
 
 $(LLAMA_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -c constraints.txt -e '.[dev,llama]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -c constraints.txt -e ./protos -e ./orchestrator_client -e '.[dev,llama]'
 	touch $(LLAMA_STAMP)
 
 llama-deps: $(LLAMA_STAMP)
 
 # The one pinned command that produces the generated code (grpcio-tools is pinned in constraints.txt).
 protos: $(STAMP)
-	rm -rf $(GEN_DIR)/orchestrator/v1
-	mkdir -p $(GEN_DIR)/orchestrator/v1
+	rm -f $(GEN_PKG)/*_pb2*.py $(GEN_PKG)/*_pb2*.pyi
 	$(PY) -m grpc_tools.protoc -I protos \
 		--python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) $(PROTO_FILES)
-	printf '"""Generated protobuf and gRPC code (make protos); do not edit."""\n' > $(GEN_DIR)/orchestrator/v1/__init__.py
 
 check-protos: protos
-	@git diff --exit-code --stat -- $(GEN_DIR)/orchestrator/v1 \
+	@git diff --exit-code --stat -- $(GENERATED) \
 		|| (echo "generated code drifted from protos/: run 'make protos' and commit" >&2; exit 1)
-	@test -z "$$(git status --porcelain -- $(GEN_DIR)/orchestrator/v1)" \
-		|| (echo "untracked generated files: run 'make protos' and commit" >&2; git status --short -- $(GEN_DIR)/orchestrator/v1; exit 1)
+	@test -z "$$(git status --porcelain -- $(GENERATED))" \
+		|| (echo "untracked generated files: run 'make protos' and commit" >&2; git status --short -- $(GENERATED); exit 1)
 
 buf-lint: $(STAMP)
 	BUF_CACHE_DIR=$${BUF_CACHE_DIR:-$$(mktemp -d)} $(BIN)/buf lint
 
+# ruff, mypy, and the layer contract in pyproject.toml (import-linter; drawn at the top of ARCHITECTURE.md).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
@@ -110,4 +115,4 @@ down:
 	docker compose -f deploy/compose.yaml down
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache build */build *.egg-info */*.egg-info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from orchestrator.core.errors import decode_status
+from orchestrator.v1.status import decode_status
 
 
 class OrchestratorRpcError(Exception):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
 import tomllib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -296,48 +297,62 @@ def settings(cls: type = MeshConfig, prefix: tuple[str, ...] = ()) -> Iterator[S
             yield Setting((*prefix, f.name), tp, getattr(default, f.name), f.metadata.get("help", ""))
 
 
+def _to_tuple(value: Any) -> tuple[str, ...] | None:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        return None
+    return tuple(items)
+
+
+def _to_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    return None
+
+
+def _to_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    return None
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return None
+
+
+def _to_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+# Each field type: how a TOML value or an environment string becomes it (None: it cannot), and what it wanted.
+_COERCE: dict[Any, tuple[Callable[[Any], Any], str]] = {
+    tuple: (_to_tuple, "a list of strings"),
+    bool: (_to_bool, "true or false"),
+    int: (_to_int, "an integer"),
+    float: (_to_float, "a number"),
+    str: (_to_str, "a string"),
+}
+
+
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check a TOML value (or parse an env string) against the field's type."""
-    origin = typing.get_origin(tp)
-    if origin is tuple or tp is tuple:
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-            problems.append(f"{where}: expected a list of strings, got {value!r}")
-            return None
-        return tuple(items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        problems.append(f"{where}: expected true or false, got {value!r}")
-        return None
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        problems.append(f"{where}: expected an integer, got {value!r}")
-        return None
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(f"{where}: expected a number, got {value!r}")
-        return None
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        problems.append(f"{where}: expected a string, got {value!r}")
-        return None
-    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover - a programming error
+    convert, wanted = _COERCE[typing.get_origin(tp) or tp]
+    out = convert(value)
+    if out is None:
+        problems.append(f"{where}: expected {wanted}, got {value!r}")
+    return out
 
 
 def _build(

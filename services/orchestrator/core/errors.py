@@ -1,22 +1,29 @@
-"""The error family and its one mapping to and from gRPC status (rich google.rpc.Status details)."""
+"""The error family and its one mapping to and from gRPC status (details encoded as orchestrator.v1.status says)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 
-ERROR_DOMAIN = "prompt-orchestrator"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-# Plain trailers as well as the rich status, so that clients without the
-# google.rpc protos (or a grpcurl user) still see the stage and retry hint.
-STAGE_KEY = "orchestrator-stage"
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+from orchestrator.core.calls import CallContext
+from orchestrator.v1.status import Trailers, decode_status, encode_status
+
+__all__ = [
+    "Cancelled",
+    "ChannelClosed",
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "InferenceError",
+    "InvalidRequest",
+    "OrchestratorError",
+    "OtherError",
+    "Overloaded",
+    "WireStatus",
+    "decode_status",  # the wire convention itself lives with the protocol (orchestrator.v1.status)
+    "from_rpc_error",
+    "to_status",
+]
 
 
 class OrchestratorError(Exception):
@@ -119,9 +126,9 @@ class WireStatus:
 
     code: grpc.StatusCode
     details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+    trailing_metadata: Trailers = ()
 
-    def set_on(self, context: Any) -> None:
+    def set_on(self, context: CallContext) -> None:
         """End ``context``'s call with this status when its handler returns. Before any message gRPC sends
         it trailers-only, as it would an abort. Not ``abort()``: grpc.aio keeps the exception it raises on the
         call's state, and that exception's traceback holds the handler's frames and so the context: a
@@ -133,64 +140,10 @@ class WireStatus:
 
 def to_status(err: OrchestratorError) -> WireStatus:
     """Encode an error as a gRPC status with ErrorInfo/RetryInfo details and plain trailers."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN)
-    if err.stage:
-        info.metadata["stage"] = err.stage
-    for key, value in err.metadata.items():
-        info.metadata[key] = value
-    details = [info]
-    trailers: list[tuple[str, str | bytes]] = []
-    if err.stage:
-        trailers.append((STAGE_KEY, err.stage))
-    if err.retry_after_s is not None:
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromMilliseconds(round(err.retry_after_s * 1000))
-        details.append(retry)
-        trailers.append((RETRY_PUSHBACK_KEY, str(round(err.retry_after_s * 1000))))
-    status = status_pb2.Status(code=err.code.value[0], message=err.message)
-    for detail in details:
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        status.details.append(packed)
-    trailers.append((STATUS_DETAILS_KEY, status.SerializeToString()))
-    return WireStatus(err.code, err.message, tuple(trailers))
-
-
-@dataclass(frozen=True)
-class DecodedStatus:
-    """What a caller can learn from a failed call's status and trailers."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    stage: str
-    retry_after_s: float | None
-    metadata: dict[str, str]
-
-
-def decode_status(
-    code: grpc.StatusCode, details: str | None, trailing_metadata: Sequence[tuple[str, str | bytes]] | None
-) -> DecodedStatus:
-    """Read our ErrorInfo/RetryInfo (or the plain trailers) back from a call's status."""
-    reason, stage, retry_after_s, metadata = "", "", None, {}
-    for key, value in trailing_metadata or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for packed in status.details:
-                info = error_details_pb2.ErrorInfo()
-                retry = error_details_pb2.RetryInfo()
-                if packed.Unpack(info) and info.domain == ERROR_DOMAIN:
-                    reason = info.reason
-                    metadata = dict(info.metadata)
-                    stage = metadata.pop("stage", stage)
-                elif packed.Unpack(retry):
-                    retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
-        elif key == STAGE_KEY and not stage:
-            stage = value if isinstance(value, str) else value.decode()
-        elif key == RETRY_PUSHBACK_KEY and retry_after_s is None:
-            with contextlib.suppress(ValueError):
-                retry_after_s = int(value) / 1000
-    return DecodedStatus(code, details or "", reason, stage, retry_after_s, metadata)
+    trailers = encode_status(
+        err.code, err.message, err.reason, stage=err.stage, retry_after_s=err.retry_after_s, metadata=err.metadata
+    )
+    return WireStatus(err.code, err.message, trailers)
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError, callee: str, what: str = "") -> OrchestratorError:

@@ -17,20 +17,35 @@ def normalize_request(request: types_pb2.PromptRequest, limits: LimitsConfig) ->
 
     Mutates ``request`` so that every stage downstream sees the same id and limits.
     """
+    _check_identity(request, limits)
+    _check_input(request, limits)
+    _check_params(request.params, limits)
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    if request.params.max_tokens == 0:
+        request.params.max_tokens = limits.default_max_tokens
+
+
+def _check_identity(request: types_pb2.PromptRequest, limits: LimitsConfig) -> None:
     session = request.session.id if request.HasField("session") else ""
     if not session.strip():
         raise InvalidRequest("session.id is required")
     if len(session) > limits.max_session_chars:
         raise InvalidRequest(f"session.id is {len(session)} characters; the limit is {limits.max_session_chars}")
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+
+
+def _check_input(request: types_pb2.PromptRequest, limits: LimitsConfig) -> None:
     if not request.input.strip():
         raise InvalidRequest("input is empty")
     if len(request.input) > limits.max_input_chars:
         raise InvalidRequest(f"input is {len(request.input)} characters; the limit is {limits.max_input_chars}")
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
     if len(request.meta) > limits.max_meta_entries:
         raise InvalidRequest(f"meta has {len(request.meta)} entries; the limit is {limits.max_meta_entries}")
-    params = request.params
+
+
+def _check_params(params: types_pb2.GenerationParams, limits: LimitsConfig) -> None:
     if params.max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(f"params.max_tokens is {params.max_tokens}; the limit is {limits.max_tokens_limit}")
     if len(params.stop) > limits.max_stop_sequences:
@@ -42,7 +57,3 @@ def normalize_request(request: types_pb2.PromptRequest, limits: LimitsConfig) ->
             raise InvalidRequest(f"params.stop[{i}] is longer than {limits.max_stop_chars} characters")
     if not math.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
         raise InvalidRequest(f"params.temperature must be within [0, 2], got {params.temperature}")
-    if not request.request_id:
-        request.request_id = uuid.uuid4().hex
-    if params.max_tokens == 0:
-        params.max_tokens = limits.default_max_tokens

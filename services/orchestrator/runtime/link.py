@@ -30,10 +30,10 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from orchestrator.core.calls import Handler
-from orchestrator.core.errors import STATUS_DETAILS_KEY
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.server import Service
 from orchestrator.v1 import link_pb2, link_pb2_grpc, types_pb2
+from orchestrator.v1.status import STATUS_DETAILS_KEY
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""prompt-orchestrator: a gRPC mesh for LLM prompt pipelines."""

@@ -1,1 +1,0 @@
-"""Generated protobuf and gRPC code (make protos); do not edit."""
