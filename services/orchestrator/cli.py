@@ -172,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
     p = sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
-    p.add_argument("--metrics", action="store_true", help="list the Prometheus metrics instead")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--metrics", action="store_true", help="list the Prometheus metrics instead")
+    shown.add_argument("--stages", action="store_true", help="list the stages, their RPCs and who calls whom instead")
     p = sub.add_parser("status", help="queue, counters and worker of every stage (AdminService/GetStatus)")
     p.add_argument("--config", help=f"pipeline TOML with the stage addresses (default: ./{DEFAULT_CONFIG} if present)")
     p.add_argument("addresses", nargs="*", help="host:port of stages to ask instead of the configured ones")
@@ -195,9 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "config":
+        from orchestrator.core.graph import describe_graph
         from orchestrator.core.telemetry import describe_metrics
 
-        print(describe_metrics() if args.metrics else describe_settings())
+        print(describe_metrics() if args.metrics else describe_graph() if args.stages else describe_settings())
         return 0
     if args.command == "status":
         return _status(args)

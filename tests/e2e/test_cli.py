@@ -71,7 +71,7 @@ def test_client_cli_streams_and_reports_errors(mesh: Mesh) -> None:
     assert "INVALID_ARGUMENT (stage stream): params.max_tokens is 99999" in bad.stderr
 
 
-@pytest.mark.parametrize("flags", [(), ("--metrics",)])
+@pytest.mark.parametrize("flags", [(), ("--metrics",), ("--stages",)])
 def test_tables_in_readme_match_the_code(flags: tuple[str, ...]) -> None:
     done = run(str(BIN / "orchestrator"), "config", *flags)
     assert done.returncode == 0
