@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from orchestrator.runtime.link import LinkClient, LinkServicer
+from orchestrator.runtime.link import LinkClient, link_service
 from orchestrator.runtime.server import run_loop, wait_for_stop_signal, write_ready_file
-from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
+from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
 SERVICE = "orchestrator.v1.StreamService"
@@ -84,7 +84,7 @@ async def _serve(ready_file: str, next_address: str | None, links: bool) -> None
     server.add_generic_rpc_handlers((submit_service(handler, typed=links or channel is None),))
     if links:
         # Every process of the link chain but the first is called over LinkService.
-        link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler), server)
+        link_service(handler).add(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready_file(ready_file, "hop", f"127.0.0.1:{port}")

@@ -13,10 +13,10 @@ import pytest
 from orchestrator.core.config import load_config
 from orchestrator.core.errors import Overloaded, from_rpc_error, to_status
 from orchestrator.runtime import link
-from orchestrator.runtime.link import LinkClient, LinkServicer
+from orchestrator.runtime.link import LinkClient, link_service
 from orchestrator.runtime.server import RunningStage
 from orchestrator.stages.local import LocalPipeline
-from orchestrator.v1 import link_pb2_grpc, stages_pb2_grpc, types_pb2
+from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
 from tests.integration.test_inprocess import poll, start_all
 
@@ -28,11 +28,14 @@ class Callee:
         self.produced: dict[str, int] = {}
         self.cancelled: set[str] = set()
         self.contexts: dict[str, Any] = {}
+        self.starts: dict[str, int] = {}
+        self.gate = asyncio.Event()
 
     async def handle(self, request: types_pb2.PromptRequest, context: Any) -> AsyncIterator[types_pb2.PostOutput]:
         rid = request.request_id
         self.contexts[rid] = context
         self.produced[rid] = 0
+        self.starts[rid] = self.starts.get(rid, 0) + 1
         mode = request.meta.get("mode", "")
         try:
             if mode == "shed":
@@ -43,7 +46,11 @@ class Callee:
                 return
             if mode == "hang":
                 await asyncio.Event().wait()
+            if mode == "gate":
+                await self.gate.wait()
             for i in range(request.params.max_tokens):
+                if mode == "one-then-gate" and i == 1:
+                    await self.gate.wait()
                 self.produced[rid] += 1
                 yield types_pb2.PostOutput(text=f"{rid}-{i}", tokens=1)
         except asyncio.CancelledError:
@@ -51,10 +58,12 @@ class Callee:
             raise
 
 
-async def serve_links(handler: Callee, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, str]:
+async def serve_links(
+    handler: Callee, address: str = "127.0.0.1:0", options: list[tuple[str, Any]] | None = None
+) -> tuple[grpc.aio.Server, str]:
     """A server with only LinkService, running ``handler`` for each call; returns it and its address."""
-    server = grpc.aio.server()
-    link_pb2_grpc.add_LinkServiceServicer_to_server(LinkServicer(handler.handle), server)
+    server = grpc.aio.server(options=options)
+    link_service(handler.handle).add(server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, f"127.0.0.1:{port}"
@@ -186,6 +195,32 @@ async def test_a_lost_link_fails_its_calls_and_the_next_call_opens_a_new_one() -
         finally:
             await client.close()
             await server.stop(0)
+
+
+async def test_a_lost_link_makes_again_only_the_calls_that_received_nothing() -> None:
+    """The callee's connection ages out (max_connection_age: GOAWAY, then its streams are cut) with two calls on
+    the link: the one that had received nothing is made again on a new link and completes; the one that had
+    started streaming ends UNAVAILABLE (repeating it would repeat what its caller already has)."""
+    handler = Callee()
+    age = [("grpc.max_connection_age_ms", 400), ("grpc.max_connection_age_grace_ms", 100)]
+    server, address = await serve_links(handler, options=age)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            client = link_client(channel)
+            waiting = client(request("w1", 3, mode="gate"))
+            started = client(request("s1", 3, mode="one-then-gate"))
+            assert (await started.read()).text == "s1-0"
+            await poll(lambda: handler.starts.get("w1") == 2, timeout_s=5)  # made again, on a new link
+            assert handler.starts["s1"] == 1
+            handler.gate.set()
+            assert await asyncio.wait_for(read_all(waiting), 5) == ["w1-0", "w1-1", "w1-2"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(read_all(started), 5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "post" in (info.value.details() or "")
+            await client.close()
+    finally:
+        await server.stop(0)
 
 
 async def test_a_callee_without_links_is_called_directly() -> None:

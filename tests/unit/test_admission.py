@@ -114,3 +114,14 @@ async def test_random_arrivals_cancels_and_releases_keep_the_invariants() -> Non
         assert adm.waiting == sum(1 for t in waiters if not t.done())
         assert adm.active == adm.concurrency or adm.waiting == 0  # never idle slots while someone waits
     assert adm.stats.shed == shed
+
+
+def test_summaries_log_at_most_once_a_second_with_the_right_count_and_span() -> None:
+    from orchestrator.runtime.stage import _Summary
+
+    summary = _Summary()
+    assert summary.note(1000.0) == (1, 0.0)  # the first of a process is logged at once, spanning no time
+    assert summary.note(1000.2) is None
+    assert summary.note(1000.5) is None
+    count, seconds = summary.note(1001.1) or (0, 0.0)
+    assert count == 3 and abs(seconds - 0.9) < 1e-9  # since the first unlogged one, not since the process began

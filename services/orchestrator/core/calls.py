@@ -11,18 +11,34 @@ from typing import Any, Protocol
 
 import grpc
 
+from orchestrator.core.config import ServerConfig
 from orchestrator.v1 import types_pb2
 
 Metadata = Sequence[tuple[str, str]]
 
+Options = tuple[tuple[str, Any], ...]
+
 # Reconnect quickly after a stage restarts instead of gRPC's default backoff of up to two minutes.
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+CHANNEL_OPTIONS: Options = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 10000),
 )
+
+
+def message_limits(server: ServerConfig) -> Options:
+    """Both ends of every hop accept and send messages up to the same size, from one setting."""
+    return (
+        ("grpc.max_receive_message_length", server.max_message_bytes),
+        ("grpc.max_send_message_length", server.max_message_bytes),
+    )
+
+
+def channel_options(server: ServerConfig) -> Options:
+    """Options of a channel from one stage to the next."""
+    return CHANNEL_OPTIONS + message_limits(server)
 
 
 class CallContext(Protocol):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import string
 import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +18,11 @@ from orchestrator.core.graph import STAGES
 
 ENV_PREFIX = "ORCH"
 CONFIG_ENV = "ORCH_CONFIG"
+DEFAULT_PROMPT_TEMPLATE = "Answer the question from the context.\nContext:\n{context}\nQuestion: {input}\nAnswer:"
+# What the prompt template gets as its context when no document fits.
+NO_CONTEXT = "(none)"
+# What a stage link adds around one request in a call frame (ids, deadline, trace context), with room to spare.
+LINK_FRAME_OVERHEAD_BYTES = 4096
 
 
 def _f(default: Any, help: str) -> Any:
@@ -86,13 +92,27 @@ class AssembleConfig(StageConfig):
     metrics_port: int = _f(9102, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "requests processed at once")
-    max_prompt_chars: int = _f(8192, "longest prompt; context documents are dropped to fit")
+    max_prompt_chars: int = _f(20000, "longest prompt; context documents are dropped to fit")
+    prompt_template: str = _f(
+        DEFAULT_PROMPT_TEMPLATE, "the prompt, with {context} and {input} (literal braces doubled)"
+    )
 
     def problems(self, name: str) -> list[str]:
         out = super().problems(name)
         if self.max_prompt_chars < 1:
             out.append(f"{name}.max_prompt_chars must be >= 1")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None}
+        except ValueError as exc:
+            out.append(f"{name}.prompt_template is not a valid template: {exc}")
+        else:
+            if fields != {"context", "input"}:
+                out.append(f"{name}.prompt_template must use {{context}} and {{input}} and no other field")
         return out
+
+    def template_chars(self) -> int:
+        """Characters the template adds to an input when no document fits."""
+        return len(self.prompt_template.format(context=NO_CONTEXT, input=""))
 
 
 @dataclass(frozen=True)
@@ -197,6 +217,8 @@ class LimitsConfig:
     max_stop_chars: int = _f(64, "length of one stop sequence")
     max_session_chars: int = _f(256, "length of a session id")
     max_meta_entries: int = _f(32, "metadata entries per request")
+    max_meta_chars: int = _f(1024, "length of one metadata key or value")
+    max_request_bytes: int = _f(262144, "largest request accepted, serialized (input, meta and params together)")
 
 
 @dataclass(frozen=True)
@@ -210,6 +232,9 @@ class ServerConfig:
     )
     gc_full_every: int = _f(
         1000, "young garbage collections between two full ones (CPython's default: 10); see ARCHITECTURE.md"
+    )
+    max_message_bytes: int = _f(
+        4 * 1024 * 1024, "largest gRPC message a process sends or accepts, on every hop and link (gRPC's default)"
     )
 
 
@@ -230,18 +255,41 @@ class MeshConfig:
 
     def problems(self) -> list[str]:
         out = [p for name in STAGES for p in self.stage(name).problems(name)]
+        out += self._server_problems() + self._limits_problems()
+        return out
+
+    def _server_problems(self) -> list[str]:
+        out = []
         if self.server.drain_grace_s < 0:
             out.append("server.drain_grace_s must be >= 0")
         if self.server.gc_full_every < 1:
             out.append("server.gc_full_every must be >= 1")
         if self.server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             out.append(f"server.log_level {self.server.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if self.server.max_message_bytes < 65536:
+            out.append("server.max_message_bytes must be >= 65536")
+        return out
+
+    def _limits_problems(self) -> list[str]:
+        """Limits that agree: a request the edge accepts is never refused for its size further down."""
+        out = []
         lim = self.limits
         for f in dataclasses.fields(lim):
             if getattr(lim, f.name) < 0:
                 out.append(f"limits.{f.name} must be >= 0")
         if lim.default_max_tokens > lim.max_tokens_limit:
             out.append("limits.default_max_tokens must be <= limits.max_tokens_limit")
+        if lim.max_request_bytes + LINK_FRAME_OVERHEAD_BYTES > self.server.max_message_bytes:
+            out.append(
+                f"limits.max_request_bytes ({lim.max_request_bytes}) must leave {LINK_FRAME_OVERHEAD_BYTES} bytes "
+                f"of server.max_message_bytes ({self.server.max_message_bytes}) for a stage link's framing"
+            )
+        if not out and lim.max_input_chars + self.assemble.template_chars() > self.assemble.max_prompt_chars:
+            out.append(
+                f"assemble.max_prompt_chars ({self.assemble.max_prompt_chars}) must fit the longest input "
+                f"(limits.max_input_chars, {lim.max_input_chars}) in the prompt template "
+                f"({self.assemble.template_chars()} characters of its own)"
+            )
         return out
 
 

@@ -21,6 +21,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
+# How a request can end at a stage (the ``outcome`` label). ``shed_below``: shed by a stage further down and
+# passed through this one (only the stage that shed counts ``shed``).
+OUTCOMES = ("ok", "invalid", "shed", "shed_below", "cancelled", "deadline", "error")
+SHED_REASONS = ("queue_full",)
+LINK_SIDES = ("caller", "callee")
 # Latency buckets from 0.5 ms to 60 s: stage hops are sub-millisecond, generations take seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -44,7 +49,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "requests_total",
         "counter",
-        "Requests by stage and outcome (ok, shed, cancelled, deadline, error).",
+        "Requests by stage and outcome (ok, invalid, shed, shed_below, cancelled, deadline, error).",
         ("stage", "outcome"),
     ),
     MetricSpec("shed_total", "counter", "Requests shed, by stage and reason.", ("stage", "reason")),
@@ -124,6 +129,10 @@ class Metrics:
     def _otel_attrs(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
         return dict(zip(_LABELS[name], labels, strict=True))
 
+    def touch(self, name: str, labels: tuple[str, ...]) -> None:
+        """Create a series without recording anything (a histogram's series shows zero counts)."""
+        self._child(name, labels)
+
     def inc(self, name: str, labels: tuple[str, ...], value: float = 1.0) -> None:
         self._child(name, labels).inc(value)
         if self._otel:
@@ -191,11 +200,37 @@ class Telemetry:
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    def set_queue_limits(self, stage: str, capacity: int, concurrency: int) -> None:
+    def init_stage(self, stage: str, capacity: int, concurrency: int) -> None:
+        """A stage's limits, and every series it will count, at zero from the start (so ``increase()`` sees the
+        first burst too)."""
         self.metrics.set("queue_capacity", (stage,), capacity)
         self.metrics.set("concurrency_limit", (stage,), concurrency)
         self.metrics.set("queue_depth", (stage,), 0)
         self.metrics.set("in_flight_requests", (stage,), 0)
+        for outcome in OUTCOMES:
+            self.metrics.inc("requests_total", (stage, outcome), 0)
+            self.metrics.touch("stage_latency_seconds", (stage, outcome))
+        for reason in SHED_REASONS:
+            self.metrics.inc("shed_total", (stage, reason), 0)
+        self.metrics.touch("queue_wait_seconds", (stage,))
+        self.metrics.inc("tokens_total", (stage,), 0)
+        for side in LINK_SIDES:
+            self.metrics.inc("link_frames_total", (side,), 0)
+            self.metrics.inc("link_writes_total", (side,), 0)
+
+    def init_callee(self, callee: str) -> None:
+        """The series of a stage's calls to its callee, at zero."""
+        for result in ("hit", "miss"):
+            self.metrics.inc("affinity_total", (callee, result), 0)
+        self.metrics.inc("link_opens_total", (callee,), 0)
+        self.metrics.inc("link_losses_total", (callee,), 0)
+
+    def init_worker(self, stage: str) -> None:
+        """The series of a stage's model worker (retries and its circuit breaker), at zero."""
+        self.metrics.inc("worker_retries_total", (stage,), 0)
+        self.metrics.set("breaker_open", (stage,), 0)
+        for state in ("open", "half_open", "closed"):
+            self.metrics.inc("breaker_transitions_total", (stage, state), 0)
 
     def record_queue_depth(self, stage: str, depth: int) -> None:
         """Called when a stage's wait queue changes length."""

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
+from orchestrator.core.config import DEFAULT_PROMPT_TEMPLATE, NO_CONTEXT
 from orchestrator.core.errors import InvalidRequest, OtherError
 from orchestrator.core.scope import Scope
 from orchestrator.v1 import types_pb2
 
-PROMPT_TEMPLATE = "Answer the question from the context.\nContext:\n{context}\nQuestion: {input}\nAnswer:"
 
-
-def render_prompt(user_input: str, documents: Sequence[types_pb2.Document], max_chars: int) -> tuple[str, list[str]]:
+def render_prompt(
+    user_input: str,
+    documents: Sequence[types_pb2.Document],
+    max_chars: int,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> tuple[str, list[str]]:
     """The prompt and the ids of the documents in it; the least relevant documents go first to fit."""
     docs = sorted(documents, key=lambda d: d.score, reverse=True)
     while True:
-        context = "\n".join(f"[{d.id}] {d.title}: {d.text}" for d in docs) or "(none)"
-        prompt = PROMPT_TEMPLATE.format(context=context, input=user_input)
+        context = "\n".join(f"[{d.id}] {d.title}: {d.text}" for d in docs) or NO_CONTEXT
+        prompt = template.format(context=context, input=user_input)
         if len(prompt) <= max_chars:
             return prompt, [d.id for d in docs]
         if not docs:
@@ -30,6 +34,7 @@ async def assemble(
     request: types_pb2.PromptRequest,
     upstream: AsyncIterator[types_pb2.RagOutput],
     max_chars: int,
+    template: str,
     scope: Scope,
 ) -> AsyncIterator[types_pb2.AssembleOutput]:
     """Collect the retrieved documents and yield one AssembleOutput."""
@@ -42,7 +47,7 @@ async def assemble(
         timings.extend(rag.timings)
     if not received:
         raise OtherError("rag stage returned no output", stage=scope.stage)
-    prompt, ids = render_prompt(request.input, documents, max_chars)
+    prompt, ids = render_prompt(request.input, documents, max_chars, template)
     out = types_pb2.AssembleOutput(prompt=prompt, document_ids=ids, timings=timings)
     out.timings.append(scope.timing())
     yield out

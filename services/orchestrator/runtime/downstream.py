@@ -51,6 +51,7 @@ class Downstream(Generic[T]):
         self.transports = dict(transports)
         self.addresses = tuple(self.transports)
         self._telemetry = telemetry or Telemetry()
+        self._telemetry.init_callee(stage)
 
     async def stream(
         self, request: types_pb2.PromptRequest, context: CallContext | None = None

@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from orchestrator.core.config import ConfigError, MeshConfig, load_config
 from orchestrator.core.errors import WireStatus
 from orchestrator.core.telemetry import Telemetry, build_telemetry
 from orchestrator.runtime.downstream import Downstream
+from orchestrator.runtime.reflection import add_reflection
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
@@ -54,6 +54,8 @@ class StageApp:
     name: str
     runtime: StageRuntime
     services: Sequence[Service]
+    # gRPC server options (message size limits).
+    options: Sequence[tuple[str, Any]] = ()
     # The calls this stage makes to the next one (None for the first stage of the chain).
     downstream: Downstream[Any] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -125,6 +127,7 @@ class RunningStage:
     address: str
     admin: AdminServicer
     metrics_address: str = ""
+    draining: bool = False
     _metrics_server: Any = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -156,6 +159,9 @@ class RunningStage:
         return int(self.address.rpartition(":")[2])
 
     async def set_serving(self, serving: bool) -> None:
+        """Readiness (the server and its services); liveness is left alone. Once draining, never SERVING again."""
+        if serving and self.draining:
+            return
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.app.service_names, ADMIN_SERVICE):
             await self.health.set(name, status)
@@ -163,8 +169,10 @@ class RunningStage:
     async def stop(self, grace_s: float) -> None:
         """Drain: report NOT_SERVING and refuse new requests with UNAVAILABLE (health checks still
         answer, so probes and balancers see it), let in-flight streams finish within ``grace_s``,
-        then stop the server, cancelling whatever is left."""
-        await self.health.enter_graceful_shutdown()
+        then stop the server, cancelling whatever is left. Liveness stays SERVING until the process ends: a
+        draining pod must be taken out of rotation, not restarted."""
+        self.draining = True
+        await self.set_serving(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         drained = await self.app.runtime.drain(grace_s)
@@ -187,18 +195,16 @@ class RunningStage:
         self.metrics_address = f"{host}:{server.server_port}"
 
 
-def new_server() -> grpc.aio.Server:
+def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
     # so_reuseport off: a second mesh on the same ports must fail loudly, not share them.
-    return grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
-    """The stock async health service, and reflection over ``service_names`` plus health and admin."""
+    """The stock async health service, and reflection (v1 and v1alpha) over ``service_names``, health and admin."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    add_reflection(server, (*service_names, ADMIN_SERVICE, health.SERVICE_NAME))
     return health_servicer
 
 
@@ -235,7 +241,7 @@ def load_config_or_report(path: str | None, prog: str) -> MeshConfig | None:
 
 async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
     """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
-    server = new_server()
+    server = new_server(app.options)
     for service in app.services:
         service.add(server)
     admin = AdminServicer(app)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -17,7 +17,7 @@ from opentelemetry.trace import Span
 from orchestrator.core.calls import CallContext
 from orchestrator.core.config import LimitsConfig, MeshConfig
 from orchestrator.core.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
-from orchestrator.core.requests import normalize_request
+from orchestrator.core.requests import Undecodable, normalize_request
 from orchestrator.core.scope import Scope
 from orchestrator.core.telemetry import Telemetry, mark_span
 from orchestrator.runtime.admission import Admission, Slot
@@ -28,14 +28,36 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEADLINE_SLACK_S = 0.05
-SHED_LOG_INTERVAL_S = 1.0
+SUMMARY_INTERVAL_S = 1.0
 
 
 @dataclass
 class Outcomes:
     ok: int = 0
+    invalid: int = 0
     failed: int = 0
     cancelled: int = 0
+
+
+@dataclass
+class _Summary:
+    """Events of one kind logged at most once a second, with how many there were since the last line: under
+    overload or a flood of bad requests, a line per event costs CPU the admitted requests need."""
+
+    count: int = 0
+    since: float = 0.0
+    logged_at: float = field(default=-SUMMARY_INTERVAL_S)
+
+    def note(self, now: float) -> tuple[int, float] | None:
+        """Count one; ``(count, seconds they span)`` when a line is due."""
+        if self.count == 0:
+            self.since = now
+        self.count += 1
+        if now - self.logged_at < SUMMARY_INTERVAL_S:
+            return None
+        due = (self.count, now - self.since)
+        self.count, self.logged_at = 0, now
+        return due
 
 
 class StageRuntime:
@@ -61,11 +83,10 @@ class StageRuntime:
         self.admission = Admission(stage, capacity, concurrency, self.telemetry)
         self.outcomes = Outcomes()
         self.draining = False
-        self._sheds_unlogged = 0
-        self._shed_logged_at = -SHED_LOG_INTERVAL_S
+        self._summaries = {"shed": _Summary(), "invalid": _Summary()}
         self._in_flight = 0
         self._idle = asyncio.Event()
-        self.telemetry.set_queue_limits(stage, capacity, concurrency)
+        self.telemetry.init_stage(stage, capacity, concurrency)
 
     @classmethod
     def for_stage(
@@ -101,7 +122,7 @@ class StageRuntime:
 
     async def serve(
         self,
-        request: types_pb2.PromptRequest,
+        request: types_pb2.PromptRequest | Undecodable,
         context: CallContext,
         body: Callable[[Scope], AsyncIterator[T]],
     ) -> AsyncIterator[T]:
@@ -114,9 +135,11 @@ class StageRuntime:
         span, token = self._open_span(context)
         scope: Scope | None = None
         outcome = "error"
+        request_id = ""
         self._track(+1)
         try:
-            self._accept(request, span)
+            request = self._accept(request, span)
+            request_id = request.request_id
             slot = await self.admission.acquire()
             async with slot:
                 scope = self._scope(request, slot, span)
@@ -126,12 +149,12 @@ class StageRuntime:
             self.outcomes.ok += 1
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled, or closed by gRPC between messages: either way the caller went away.
-            outcome = self._cancelled(request, context, span)
+            outcome = self._cancelled(request_id, context, span)
             raise
         except OrchestratorError as err:
-            outcome = self._failed(request, context, span, err)
+            outcome = self._failed(request_id, context, span, err)
         except Exception as exc:
-            outcome = self._crashed(request, context, span, exc)
+            outcome = self._crashed(request_id, context, span, exc)
         finally:
             self._track(-1)
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
@@ -175,14 +198,15 @@ class StageRuntime:
 
     # -- admission and accounting ------------------------------------------------------------------
 
-    def _accept(self, request: types_pb2.PromptRequest, span: Span) -> None:
+    def _accept(self, request: types_pb2.PromptRequest | Undecodable, span: Span) -> types_pb2.PromptRequest:
         """Refuse a request this stage must not take, before any work: draining, or invalid."""
         if self.draining:
             # UNAVAILABLE before any message: the caller may retry on another replica.
             raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
-        normalize_request(request, self.limits)
+        request = normalize_request(request, self.limits)
         if span.is_recording():
             self._describe(span, request)
+        return request
 
     def _scope(self, request: types_pb2.PromptRequest, slot: Slot, span: Span) -> Scope:
         self.telemetry.record_queue_wait(self.stage, slot.queue_s)
@@ -200,64 +224,67 @@ class StageRuntime:
 
     # -- how a request ended -----------------------------------------------------------------------
 
-    def _cancelled(self, request: types_pb2.PromptRequest, context: CallContext, span: Span) -> str:
+    def _cancelled(self, request_id: str, context: CallContext, span: Span) -> str:
         outcome = self._cancel_outcome(context)
         self.outcomes.cancelled += 1
         code = "DEADLINE_EXCEEDED" if outcome == "deadline" else "CANCELLED"
         mark_span(span, code, "the caller went away", event=outcome)
-        log.info("stage=%s request=%s %s", self.stage, request.request_id, outcome)
+        log.info("stage=%s request=%s %s", self.stage, request_id or "-", outcome)
         return outcome
 
-    def _failed(
-        self, request: types_pb2.PromptRequest, context: CallContext, span: Span, err: OrchestratorError
-    ) -> str:
+    def _failed(self, request_id: str, context: CallContext, span: Span, err: OrchestratorError) -> str:
         """The one place an error becomes this call's status."""
         err.stage = err.stage or self.stage
         outcome = self._error_outcome(err)
-        event = "shed" if outcome == "shed" else ("deadline" if outcome == "deadline" else None)
+        event = {"shed": "shed", "deadline": "deadline"}.get(outcome)
         mark_span(span, err.code.name, err.message, event=event, **{"orchestrator.failed_stage": err.stage})
         span.set_attribute("orchestrator.failed_stage", err.stage)
-        self._log_error(request.request_id, err, outcome)
+        self._log_error(request_id, err, outcome)
         to_status(err).set_on(context)
         return outcome
 
-    def _crashed(self, request: types_pb2.PromptRequest, context: CallContext, span: Span, exc: Exception) -> str:
+    def _crashed(self, request_id: str, context: CallContext, span: Span, exc: Exception) -> str:
         """A bug: logged with its traceback, never sent; the caller gets a safe INTERNAL."""
         self.outcomes.failed += 1
         mark_span(span, "INTERNAL", type(exc).__name__)
-        log.error("stage=%s request=%s failed", self.stage, request.request_id, exc_info=exc)
+        log.error("stage=%s request=%s failed", self.stage, request_id or "-", exc_info=exc)
         WireStatus(grpc.StatusCode.INTERNAL, f"internal error in the {self.stage} stage").set_on(context)
         return "error"
 
     def _log_error(self, request_id: str, err: OrchestratorError, outcome: str) -> None:
-        """The stage where an error started logs it; stages it passes through only at DEBUG. Sheds are
-        summarised (one line a second with a count): under overload a line per shed costs CPU the
-        admitted requests need."""
+        """The stage where an error started logs it, one line and no traceback; stages it passes through only
+        at DEBUG. Sheds and invalid requests are summarised: a line a second at most, with a count."""
         if err.stage != self.stage:
             log.debug("stage=%s request=%s %s from the %s stage", self.stage, request_id, err.code.name, err.stage)
             return
-        if outcome != "shed":
+        summary = self._summaries.get(outcome)
+        if summary is None:
             log.warning("stage=%s request=%s %s: %s", self.stage, request_id, err.code.name, err.message)
             return
-        self._sheds_unlogged += 1
-        now = time.monotonic()
-        if now - self._shed_logged_at >= SHED_LOG_INTERVAL_S:
+        due = summary.note(time.monotonic())
+        if due is not None:
+            count, seconds = due
             log.warning(
-                "stage=%s shed %d request(s) in the last %.0f s: %s",
+                "stage=%s %s %d request(s) in %.1f s, the last %s: %s",
                 self.stage,
-                self._sheds_unlogged,
-                min(now - self._shed_logged_at, 999),
+                "shed" if outcome == "shed" else "refused",
+                count,
+                seconds,
+                request_id or "-",
                 err.message,
             )
-            self._sheds_unlogged = 0
-            self._shed_logged_at = now
 
     def _error_outcome(self, err: OrchestratorError) -> str:
+        """The outcome an error counts as here. A shed is ``shed`` only at the stage that shed (which also
+        counts it in ``shed_total`` and its admin counters); the stages it passes through count ``shed_below``."""
         if err.reason == "OVERLOADED":
-            return "shed"  # counted in shed_total and the admin counters only by the stage that shed
+            return "shed" if err.stage == self.stage else "shed_below"
         if err.reason in ("CANCELLED", "DEADLINE_EXCEEDED"):
             self.outcomes.cancelled += 1
             return "deadline" if err.reason == "DEADLINE_EXCEEDED" else "cancelled"
+        if err.reason == "INVALID_REQUEST":
+            self.outcomes.invalid += 1
+            return "invalid"
         self.outcomes.failed += 1
         return "error"
 
@@ -281,5 +308,6 @@ class StageRuntime:
                 ok=self.outcomes.ok,
                 failed=self.outcomes.failed,
                 cancelled=self.outcomes.cancelled,
+                invalid=self.outcomes.invalid,
             ),
         )

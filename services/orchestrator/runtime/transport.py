@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from orchestrator.core.calls import CHANNEL_OPTIONS, Call, Metadata, Transport
-from orchestrator.core.config import MeshConfig
+from orchestrator.core.calls import Call, Metadata, Transport, channel_options
+from orchestrator.core.config import MeshConfig, ServerConfig
 from orchestrator.core.graph import CALLEE, Stage, stage
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
@@ -41,8 +41,12 @@ class PlainTransport:
 class LinkTransport(LinkClient[Any]):
     """Calls on one stage link to the replica (falling back to its RPC if it serves no links)."""
 
-    def __init__(self, channel: grpc.aio.Channel, callee: Stage, method: Any, telemetry: Telemetry) -> None:
-        super().__init__(channel, callee.name, callee.output.FromString, fallback=method, telemetry=telemetry)
+    def __init__(
+        self, channel: grpc.aio.Channel, callee: Stage, method: Any, telemetry: Telemetry, max_message_bytes: int
+    ) -> None:
+        super().__init__(
+            channel, callee.name, callee.output.FromString, method, telemetry, max_message_bytes=max_message_bytes
+        )
         self._channel = channel
 
     async def close(self) -> None:
@@ -50,12 +54,12 @@ class LinkTransport(LinkClient[Any]):
         await self._channel.close()
 
 
-def connect(callee: Stage, address: str, *, links: bool, telemetry: Telemetry) -> Transport:
-    """A transport to the replica of ``callee`` at ``address``."""
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def connect(callee: Stage, address: str, server: ServerConfig, telemetry: Telemetry) -> Transport:
+    """A transport to the replica of ``callee`` at ``address``, as ``server`` configures hops."""
+    channel = grpc.aio.insecure_channel(address, options=channel_options(server))
     method = getattr(getattr(stages_pb2_grpc, f"{callee.service}Stub")(channel), callee.method)
-    if links:
-        return LinkTransport(channel, callee, method, telemetry)
+    if server.stage_links:
+        return LinkTransport(channel, callee, method, telemetry, server.max_message_bytes)
     return PlainTransport(channel, method)
 
 
@@ -63,5 +67,5 @@ def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstr
     """The calls ``caller`` makes to its callee's replicas, as configured."""
     callee = stage(CALLEE[caller])
     addresses: Sequence[str] = cfg.stage(callee.name).addresses()
-    transports = {addr: connect(callee, addr, links=cfg.server.stage_links, telemetry=telemetry) for addr in addresses}
+    transports = {addr: connect(callee, addr, cfg.server, telemetry) for addr in addresses}
     return Downstream(callee.name, transports, callee.rpc, telemetry)

@@ -6,18 +6,20 @@ serves (its own RPC, and the same handler over stage links), all read from the s
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
+import grpc
+
+from orchestrator.core.calls import Handler, message_limits
 from orchestrator.core.config import MeshConfig
-from orchestrator.core.graph import CALLEE, EDGE, stage
+from orchestrator.core.graph import CALLEE, EDGE, Stage, stage
+from orchestrator.core.requests import decode_request
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import link_service
 from orchestrator.runtime.server import Service, StageApp
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.transport import downstream_of
-from orchestrator.v1 import stages_pb2_grpc
 
 
 def runtime_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
@@ -33,14 +35,29 @@ def callee_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[An
     return downstream_of(name, cfg, telemetry)
 
 
+def rpc_service(spec: Stage, handler: Handler) -> Service:
+    """The stage's RPC. Its requests are decoded by ``decode_request``, which never raises: a body that is not
+    a PromptRequest reaches the runtime, which answers INVALID_ARGUMENT naming the stage (gRPC's own decoding
+    would answer UNKNOWN, with the parser's exception text and no stage)."""
+    method = grpc.unary_stream_rpc_method_handler(
+        handler, request_deserializer=decode_request, response_serializer=spec.output.SerializeToString
+    )
+    rpcs = grpc.method_handlers_generic_handler(spec.full_service, {spec.method: method})
+    return Service(spec.full_service, lambda server: server.add_generic_rpc_handlers((rpcs,)))
+
+
 def app_of(
-    name: str, runtime: StageRuntime, servicer: Any, downstream: Downstream[Any] | None = None, **extra: Any
+    name: str,
+    cfg: MeshConfig,
+    runtime: StageRuntime,
+    servicer: Any,
+    downstream: Downstream[Any] | None = None,
+    **extra: Any,
 ) -> StageApp:
     """The stage as a servable app: its RPC, and the same handler over stage links."""
     spec = stage(name)
-    add = getattr(stages_pb2_grpc, f"add_{spec.service}Servicer_to_server")
-    services = [
-        Service(spec.full_service, partial(add, servicer)),
-        link_service(getattr(servicer, spec.method), runtime.telemetry),
-    ]
-    return StageApp(name, runtime, services, downstream=downstream, **extra)
+    handler = getattr(servicer, spec.method)
+    links = link_service(handler, runtime.telemetry, stage=name, max_message_bytes=cfg.server.max_message_bytes)
+    services = [rpc_service(spec, handler), links]
+    options = message_limits(cfg.server)
+    return StageApp(name, runtime, services, options=options, downstream=downstream, **extra)

@@ -20,13 +20,15 @@ NAME = "assemble"
 
 
 class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
-    def __init__(self, runtime: StageRuntime, rag: Downstream[types_pb2.RagOutput], max_chars: int) -> None:
-        self._rt, self._rag, self._max_chars = runtime, rag, max_chars
+    def __init__(
+        self, runtime: StageRuntime, rag: Downstream[types_pb2.RagOutput], max_chars: int, template: str
+    ) -> None:
+        self._rt, self._rag, self._max_chars, self._template = runtime, rag, max_chars, template
 
     async def Assemble(
         self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.AssembleOutput]:
-        body = partial(assemble.assemble, request, self._rag.stream(request, context), self._max_chars)
+        body = partial(assemble.assemble, request, self._rag.stream(request, context), self._max_chars, self._template)
         async for out in self._rt.serve(request, context, body):
             yield out
 
@@ -34,7 +36,8 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
     rag = callee_of(NAME, cfg, telemetry)
-    return app_of(NAME, runtime, AssembleServicer(runtime, rag, cfg.assemble.max_prompt_chars), rag)
+    c = cfg.assemble
+    return app_of(NAME, cfg, runtime, AssembleServicer(runtime, rag, c.max_prompt_chars, c.prompt_template), rag)
 
 
 def main() -> int:

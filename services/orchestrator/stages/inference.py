@@ -112,6 +112,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
 
     app = app_of(
         NAME,
+        cfg,
         runtime,
         servicer,
         assemble,

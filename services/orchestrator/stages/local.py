@@ -51,7 +51,9 @@ class LocalPipeline:
             lambda s: rag.retrieve(request, self._index, c.rag.top_k, c.rag.simulated_delay_ms / 1000, s),
         )
         prompt = _admitted(
-            adm["assemble"], rid, lambda s: assemble.assemble(request, rag_out, c.assemble.max_prompt_chars, s)
+            adm["assemble"],
+            rid,
+            lambda s: assemble.assemble(request, rag_out, c.assemble.max_prompt_chars, c.assemble.prompt_template, s),
         )
         tokens = _admitted(
             adm["inference"],

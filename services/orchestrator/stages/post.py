@@ -34,7 +34,7 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
     inference = callee_of(NAME, cfg, telemetry)
-    return app_of(NAME, runtime, PostServicer(runtime, inference), inference)
+    return app_of(NAME, cfg, runtime, PostServicer(runtime, inference), inference)
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.rag
     index = rag.Bm25Index(rag.load_documents(c.documents))  # warm-up: the index exists before SERVING
     runtime = runtime_of(NAME, cfg, telemetry)
-    return app_of(NAME, runtime, RagServicer(runtime, index, c.top_k, c.simulated_delay_ms / 1000))
+    return app_of(NAME, cfg, runtime, RagServicer(runtime, index, c.top_k, c.simulated_delay_ms / 1000))
 
 
 def main() -> int:

@@ -42,7 +42,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
     post = callee_of(NAME, cfg, telemetry)
     sinks: list[stream.OutputSink] = [stream.LogSink()] if cfg.stream.log_sink else []
-    return app_of(NAME, runtime, StreamServicer(runtime, post, sinks), post)
+    return app_of(NAME, cfg, runtime, StreamServicer(runtime, post, sinks), post)
 
 
 def main() -> int:

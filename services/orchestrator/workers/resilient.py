@@ -113,6 +113,8 @@ class ResilientWorker(ModelWorker):
     ) -> None:
         self.stage = stage  # for metric labels
         self.inner = inner
+        if stage and telemetry is not None:
+            telemetry.init_worker(stage)
         self.name = name or inner.name
         self.retries = retries
         self.backoff_s = backoff_s
