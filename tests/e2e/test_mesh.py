@@ -216,3 +216,42 @@ async def test_client_retries_honour_the_shed_retry_hint(fresh_mesh) -> None:  #
         with_retries = await burst(retrying)
     assert not [r for r in with_retries if isinstance(r, BaseException)]  # gRPC retried after the pushback
     assert stage_status(m.address("inference")).counters.shed >= 4
+
+
+async def test_a_burst_over_the_edge_capacity_is_answered_and_counted_in_full(fresh_mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """1,500 streams at once against the default edge (1,024 served + 256 waiting), held at the worker until
+    all have arrived: every one ends admitted and completed, or shed naming its stage, and the edge's counters
+    add up to the same. (gRPC's own backlog of calls not yet picked up would otherwise cancel some of a burst
+    this size, unanswered and uncounted.)"""
+    n = 1500
+    gate = tmp_path / "gate"
+    m: Mesh = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate))
+    outcomes: list[str] = []
+
+    async def one(i: int, client: AsyncOrchestratorClient) -> None:
+        try:
+            await client.complete(f"burst {i}", session=f"b{i}", max_tokens=2, timeout=120)
+            outcomes.append("ok")
+        except OrchestratorRpcError as err:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert err.stage in STAGE_ORDER, err
+            outcomes.append("shed")
+
+    def arrived() -> bool:
+        st = stage_status(m.entry)
+        return st.queue.active + st.queue.waiting + st.counters.shed == n
+
+    async with AsyncOrchestratorClient(m.entry) as client:
+        calls = asyncio.gather(*(one(i, client) for i in range(n)))
+        await asyncio.to_thread(poll, arrived, 60, 0.05, "every call of the burst to reach the edge")
+        gate.touch()
+        await asyncio.wait_for(calls, timeout=120)
+    assert len(outcomes) == n
+    assert outcomes.count("shed") > 0  # the burst really was over what the edge holds
+
+    def edge_counted() -> admin_pb2.GetStatusResponse | None:
+        st = stage_status(m.entry)
+        return st if st.counters.ok + st.counters.shed == n else None
+
+    status = poll(edge_counted, what="the edge to count every call")
+    assert (status.counters.ok, status.counters.shed) == (outcomes.count("ok"), outcomes.count("shed"))

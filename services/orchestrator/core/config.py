@@ -236,6 +236,9 @@ class ServerConfig:
     max_message_bytes: int = _f(
         4 * 1024 * 1024, "largest gRPC message a process sends or accepts, on every hop and link (gRPC's default)"
     )
+    max_pending_calls: int = _f(
+        8192, "calls gRPC holds for a stage before its code picks them up; a burst up to this size is answered in full"
+    )
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,8 @@ class MeshConfig:
             out.append(f"server.log_level {self.server.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         if self.server.max_message_bytes < 65536:
             out.append("server.max_message_bytes must be >= 65536")
+        if self.server.max_pending_calls < 1:
+            out.append("server.max_pending_calls must be >= 1")
         return out
 
     def _limits_problems(self) -> list[str]:

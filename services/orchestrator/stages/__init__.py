@@ -10,14 +10,14 @@ from typing import Any
 
 import grpc
 
-from orchestrator.core.calls import Handler, message_limits
+from orchestrator.core.calls import Handler
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.graph import CALLEE, EDGE, Stage, stage
 from orchestrator.core.requests import decode_request
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import link_service
-from orchestrator.runtime.server import Service, StageApp
+from orchestrator.runtime.server import Service, StageApp, server_options
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.transport import downstream_of
 
@@ -59,5 +59,5 @@ def app_of(
     handler = getattr(servicer, spec.method)
     links = link_service(handler, runtime.telemetry, stage=name, max_message_bytes=cfg.server.max_message_bytes)
     services = [rpc_service(spec, handler), links]
-    options = message_limits(cfg.server)
+    options = server_options(cfg.server)
     return StageApp(name, runtime, services, options=options, downstream=downstream, **extra)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2
 
-from orchestrator.core.config import WorkerConfig
+from orchestrator.core.config import MeshConfig
 from orchestrator.core.errors import OrchestratorError, to_status
 from orchestrator.runtime.server import (
     add_health_and_reflection,
@@ -19,6 +19,7 @@ from orchestrator.runtime.server import (
     load_config_or_report,
     new_server,
     run_loop,
+    server_options,
     settle_gc,
     wait_for_stop_signal,
     write_ready_file,
@@ -71,10 +72,10 @@ class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.GetStatusResponse(stage="worker", worker=self._stats.status(self._name))
 
 
-async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None, gc_full_every: int) -> None:
-    worker = build_worker(cfg)
+async def serve(cfg: MeshConfig, host: str, port: int, ready_file: str | None) -> None:
+    worker = build_worker(cfg.inference.worker)
     stats = WorkerStats()
-    server = new_server()
+    server = new_server(server_options(cfg.server))
     worker_pb2_grpc.add_ModelWorkerServiceServicer_to_server(WorkerServicer(worker, stats), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(WorkerAdmin(worker.name, stats), server)
     health_servicer = add_health_and_reflection(server, (WORKER_SERVICE,))
@@ -82,7 +83,7 @@ async def serve(cfg: WorkerConfig, host: str, port: int, ready_file: str | None,
     await server.start()
     for name in ("", WORKER_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    settle_gc(gc_full_every)
+    settle_gc(cfg.server.gc_full_every)
     log.info("worker server (%s) listening on %s", worker.name, address)
     if ready_file:
         write_ready_file(ready_file, "worker", address)
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(cfg.server.log_level, "worker")
     try:
         run_loop(
-            serve(cfg.inference.worker, args.host, args.port, args.ready_file, cfg.server.gc_full_every),
+            serve(cfg, args.host, args.port, args.ready_file),
             cfg.server.uvloop,
         )
     except OSError as exc:
