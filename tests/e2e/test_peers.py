@@ -86,3 +86,25 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
     with OrchestratorClient(mesh.entry) as client:
         expected = client.complete(user_input, session="node", max_tokens=24).text
     assert "".join(c["text"] for c in chunks) == expected
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_node_client_discovers_the_mesh_through_reflection_and_calls_it(mesh: Mesh, version: str) -> None:
+    """A Node client with no .proto files: it lists the services and fetches the edge's descriptors through
+    reflection (grpc.reflection.v1, which current tools try first, and v1alpha), then streams a completion."""
+    if not (NODE_DIR / "node_modules" / "grpc-js-reflection-client").exists():
+        pytest.fail("Node dependencies missing: run 'make node-deps' (make test does)")
+    done = subprocess.run(
+        ["node", str(NODE_DIR / "reflect.js"), mesh.entry, version],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert {"orchestrator.v1.StreamService", "grpc.reflection.v1.ServerReflection", "grpc.health.v1.Health"} <= set(
+        found["services"]
+    )
+    assert found["tokens"] == 5 and found["text"]
