@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import signal
 import sys
@@ -207,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         return _health(args.address, args.timeout)
     if args.command == "stage":
-        return _run_stage(importlib.import_module(f"orchestrator.stages.{args.name}"), _stage_argv(args))
+        from orchestrator.stages import module
+
+        return _run_stage(module(args.name), _stage_argv(args))
     return _up(args, demo=args.command == "demo")
 
 

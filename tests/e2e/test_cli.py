@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
 from orchestrator_client import OrchestratorClient
 from tests.conftest import BIN, ROOT, clean_env, free_port_config, run_demo
@@ -83,8 +84,8 @@ def test_tables_in_readme_match_the_code(flags: tuple[str, ...]) -> None:
 @pytest.mark.mesh
 def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
     env = clean_env()
-    env.update({f"ORCH_{s.upper()}_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
-    env.update({f"ORCH_{s.upper()}_METRICS_PORT": "0" for s in ("rag", "assemble", "inference", "post", "stream")})
+    env.update({f"ORCH_{s.upper()}_PORT": "0" for s in STAGES})
+    env.update({f"ORCH_{s.upper()}_METRICS_PORT": "0" for s in STAGES})
     proc = subprocess.Popen(
         [str(BIN / "orchestrator"), "up"],
         stdout=subprocess.PIPE,
@@ -120,7 +121,7 @@ def test_status_shows_every_stage(mesh: Mesh) -> None:
     done = run(
         str(BIN / "orchestrator"),
         "status",
-        *(mesh.address(s) for s in ("rag", "assemble", "inference", "post", "stream")),
+        *(mesh.address(s) for s in STAGES),
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

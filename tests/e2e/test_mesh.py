@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from orchestrator.core.config import load_config
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
 from orchestrator.pipeline.assemble import render_prompt
 from orchestrator.pipeline.rag import Bm25Index, load_documents
@@ -21,7 +22,6 @@ from tests.conftest import poll, stage_status
 
 pytestmark = pytest.mark.mesh
 
-STAGE_ORDER = ["rag", "assemble", "inference", "post", "stream"]
 LONG_INPUT = "tell me about backpressure and bounded queues " * 60  # ~400 echo tokens
 
 
@@ -48,7 +48,7 @@ async def test_stream_equals_echo_plus_post(mesh: Mesh) -> None:
     assert done.usage.completion_tokens == 40
     assert done.usage.prompt_tokens > 40
     assert done.model == "echo"
-    assert [t.stage for t in done.timings] == STAGE_ORDER
+    assert [t.stage for t in done.timings] == list(STAGES)
     assert all(t.duration_ms > 0 for t in done.timings)
 
     # The same stage functions composed in one process give the same text.
@@ -150,7 +150,7 @@ async def test_surge_admits_capacity_plus_concurrency_and_sheds_the_rest(fresh_m
 
 
 def _idle_everywhere(m: Mesh) -> bool:
-    for name in STAGE_ORDER:
+    for name in STAGES:
         s = stage_status(m.address(name))
         if s.queue.active or s.queue.waiting:
             return False
@@ -234,7 +234,7 @@ async def test_a_burst_over_the_edge_capacity_is_answered_and_counted_in_full(fr
             outcomes.append("ok")
         except OrchestratorRpcError as err:
             assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-            assert err.stage in STAGE_ORDER, err
+            assert err.stage in STAGES, err
             outcomes.append("shed")
 
     def arrived() -> bool:

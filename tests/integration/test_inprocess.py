@@ -6,55 +6,20 @@ import asyncio
 import gc
 import types
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 
 from orchestrator.core.config import load_config
-from orchestrator.core.graph import CALLEE
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.server import RunningStage, start_stage
-from orchestrator.stages import assemble, inference, post, rag, stream
+from orchestrator.stages import rag
 from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
-
-BUILDERS = {
-    "rag": rag.build,
-    "assemble": assemble.build,
-    "inference": inference.build,
-    "post": post.build,
-    "stream": stream.build,
-}
-
-
-async def poll(check: Callable[[], object], timeout_s: float = 5.0) -> None:
-    """Wait, without blocking the loop the servers run on, until ``check()`` is truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-async def start_all(env: dict[str, str]) -> dict[str, RunningStage]:
-    running: dict[str, RunningStage] = {}
-    for name, build in BUILDERS.items():
-        stage_env = dict(env)
-        if name in CALLEE:
-            stage_env.setdefault(f"ORCH_{CALLEE[name].upper()}_REPLICAS", running[CALLEE[name]].address)
-        running[name] = await start_stage(build(load_config(env=stage_env), Telemetry()), "127.0.0.1", 0)
-    return running
-
-
-@pytest.fixture
-async def stages(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, RunningStage]]:
-    env = getattr(request, "param", {})
-    running = await start_all(env)
-    yield running
-    for stage in reversed(running.values()):
-        await stage.stop(0)
+from tests.integration.conftest import poll, sample, start_all
 
 
 async def test_grpc_mesh_matches_the_local_pipeline(stages: dict[str, RunningStage]) -> None:
@@ -88,6 +53,11 @@ async def test_shed_at_the_far_end_reaches_the_client_with_its_stage(stages: dic
     assert stages["rag"].app.runtime.admission.stats.shed == 1
     # Upstream stages passed the shed on; none of them counted it as their own.
     assert stages["assemble"].app.runtime.admission.stats.shed == 0
+    # In the metrics too: "shed" where it happened, "shed_below" at each stage it passed through.
+    assert sample(stages["rag"], "requests_total", stage="rag", outcome="shed") == 1
+    for name in ("assemble", "inference", "post", "stream"):
+        assert sample(stages[name], "requests_total", stage=name, outcome="shed") == 0, name
+        assert sample(stages[name], "requests_total", stage=name, outcome="shed_below") == 1, name
 
 
 @pytest.mark.parametrize("stages", [{"ORCH_RAG_REPLICAS": "127.0.0.1:1"}], indirect=True)

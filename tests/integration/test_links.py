@@ -18,7 +18,7 @@ from orchestrator.runtime.server import RunningStage
 from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, build_request
-from tests.integration.test_inprocess import poll, start_all
+from tests.integration.conftest import poll, start_all
 
 
 class Callee:

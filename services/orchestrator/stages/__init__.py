@@ -6,6 +6,8 @@ serves (its own RPC, and the same handler over stage links), all read from the s
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -20,6 +22,11 @@ from orchestrator.runtime.link import link_service
 from orchestrator.runtime.server import Service, StageApp, server_options
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.runtime.transport import downstream_of
+
+
+def module(name: str) -> ModuleType:
+    """The module of the stage called ``name`` in the graph: its ``NAME``, ``build`` and ``main``."""
+    return importlib.import_module(f"{__name__}.{stage(name).name}")
 
 
 def runtime_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
