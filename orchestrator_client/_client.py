@@ -94,13 +94,20 @@ class _Tracing:
         span.end()
 
 
+# A keepalive ping after 10 s without one, and 5 s for its answer: a mesh that went silent (a partition sends
+# no reset) fails the client's streams in ~15 s instead of at its deadline. The mesh permits pings this often.
+KEEPALIVE: tuple[tuple[str, Any], ...] = (("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000))
+
+
 def channel_options(retries: int, options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    """Channel options; with ``retries`` > 0, gRPC's own retry policy for sheds and unavailable stages.
+    """Channel options: keepalive (``options`` may override it) and, with ``retries`` > 0, gRPC's own retry
+    policy for sheds and unavailable stages.
 
     The mesh sheds before sending any message, which is exactly when gRPC may retry a stream
     transparently, and it honours the ``grpc-retry-pushback-ms`` hint the shedding stage sends.
     """
-    out = list(options)
+    given = {key for key, _ in options}
+    out = [opt for opt in KEEPALIVE if opt[0] not in given] + list(options)
     if retries > 0:
         policy = {
             "methodConfig": [

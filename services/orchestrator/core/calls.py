@@ -11,21 +11,16 @@ from typing import Any, Protocol
 
 import grpc
 
-from orchestrator.core.config import ServerConfig
+from orchestrator.core.config import NetworkConfig, ServerConfig
 from orchestrator.v1 import types_pb2
 
 Metadata = Sequence[tuple[str, str]]
 
 Options = tuple[tuple[str, Any], ...]
 
-# Reconnect quickly after a stage restarts instead of gRPC's default backoff of up to two minutes.
-CHANNEL_OPTIONS: Options = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 10000),
-)
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def message_limits(server: ServerConfig) -> Options:
@@ -36,9 +31,39 @@ def message_limits(server: ServerConfig) -> Options:
     )
 
 
-def channel_options(server: ServerConfig) -> Options:
-    """Options of a channel from one stage to the next."""
-    return CHANNEL_OPTIONS + message_limits(server)
+def keepalive(network: NetworkConfig) -> Options:
+    """Pings on every connection, idle or not, so a peer that went silent (a partition sends no reset) is noticed
+    within ``keepalive_time_s + keepalive_timeout_s``. Used by callers and servers alike: a server pings its
+    clients too, to notice one that vanished."""
+    return (
+        ("grpc.keepalive_time_ms", _ms(network.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(network.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # an idle link keeps pinging
+    )
+
+
+def channel_options(server: ServerConfig, network: NetworkConfig) -> Options:
+    """Options of a channel from one stage to the next: message limits, keepalive, and a quick reconnect after
+    a stage restarts instead of gRPC's default backoff of up to two minutes."""
+    return (
+        *message_limits(server),
+        *keepalive(network),
+        ("grpc.initial_reconnect_backoff_ms", _ms(network.reconnect_backoff_s)),
+        ("grpc.max_reconnect_backoff_ms", _ms(network.max_reconnect_backoff_s)),
+        ("grpc.min_reconnect_backoff_ms", _ms(network.connect_timeout_s)),  # gRPC's minimum connect timeout
+    )
+
+
+def ping_policy(network: NetworkConfig) -> Options:
+    """What a server accepts of its peers' pings: callers ping every ``keepalive_time_s`` with or without data,
+    and a server that allowed less would answer with GOAWAY ``too_many_pings`` (gRPC's default allows one ping
+    in five minutes without data), cutting an idle link and doubling the caller's ping interval."""
+    return (
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(network.keepalive_time_s / 2)),
+        ("grpc.http2.min_time_between_pings_ms", _ms(network.keepalive_time_s / 2)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    )
 
 
 class CallContext(Protocol):
@@ -81,6 +106,10 @@ class Transport(Protocol):
     def __call__(
         self, request: types_pb2.PromptRequest, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Call: ...
+
+    async def healthy(self, timeout_s: float) -> bool:
+        """Whether the replica answers SERVING to a health check within ``timeout_s``."""
+        ...
 
     async def close(self) -> None:
         """Stop using the replica: close what the transport opened."""

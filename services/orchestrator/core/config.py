@@ -242,8 +242,36 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """How processes notice a peer that went silent (no reset, no answer), and how fast they move on."""
+
+    keepalive_time_s: float = _f(
+        1.5, "every connection (stage to stage, stage to client) is pinged this often (>= 1: gRPC's most)"
+    )
+    keepalive_timeout_s: float = _f(
+        1.5, "a ping unanswered this long ends the connection: its calls fail over or are cancelled"
+    )
+    connect_timeout_s: float = _f(2.0, "longest wait to connect to a replica")
+    reconnect_backoff_s: float = _f(0.1, "first wait before reconnecting to a replica; doubles up to the maximum")
+    max_reconnect_backoff_s: float = _f(2.0, "longest wait between two attempts to reconnect")
+    health_interval_s: float = _f(0.5, "how often a stage checks each replica of the next stage (when it has several)")
+    health_timeout_s: float = _f(
+        1.0, "a replica that misses this or answers NOT_SERVING takes no new calls until it answers SERVING"
+    )
+
+    def problems(self) -> list[str]:
+        out = [f"network.{f.name} must be > 0" for f in dataclasses.fields(self) if getattr(self, f.name) <= 0]
+        if self.keepalive_time_s < 1.0:
+            out.append("network.keepalive_time_s must be >= 1 (gRPC sends at most one ping a second)")
+        if self.max_reconnect_backoff_s < self.reconnect_backoff_s:
+            out.append("network.max_reconnect_backoff_s must be >= network.reconnect_backoff_s")
+        return out
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rag: RagConfig = field(default_factory=RagConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
@@ -258,7 +286,7 @@ class MeshConfig:
 
     def problems(self) -> list[str]:
         out = [p for name in STAGES for p in self.stage(name).problems(name)]
-        out += self._server_problems() + self._limits_problems()
+        out += self._server_problems() + self._limits_problems() + self.network.problems()
         return out
 
     def _server_problems(self) -> list[str]:

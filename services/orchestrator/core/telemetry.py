@@ -74,6 +74,13 @@ METRICS: tuple[MetricSpec, ...] = (
         ("side",),
     ),
     MetricSpec(
+        "replica_ejections_total",
+        "counter",
+        "Replicas of a callee stage ejected: they missed a health check or answered NOT_SERVING.",
+        ("stage",),
+    ),
+    MetricSpec("replicas_ejected", "gauge", "Replicas of a callee stage ejected now.", ("stage",)),
+    MetricSpec(
         "affinity_total",
         "counter",
         "Downstream calls served by the session's first-choice replica (hit) or a fallback (miss).",
@@ -224,6 +231,8 @@ class Telemetry:
             self.metrics.inc("affinity_total", (callee, result), 0)
         self.metrics.inc("link_opens_total", (callee,), 0)
         self.metrics.inc("link_losses_total", (callee,), 0)
+        self.metrics.inc("replica_ejections_total", (callee,), 0)
+        self.metrics.set("replicas_ejected", (callee,), 0)
 
     def init_worker(self, stage: str) -> None:
         """The series of a stage's model worker (retries and its circuit breaker), at zero."""
@@ -259,6 +268,12 @@ class Telemetry:
 
     def record_affinity(self, stage: str, hit: bool) -> None:
         self.metrics.inc("affinity_total", (stage, "hit" if hit else "miss"))
+
+    def record_ejected(self, callee: str, ejected: int, *, ejection: bool = False) -> None:
+        """How many of a callee's replicas are ejected now; ``ejection``: one just was."""
+        self.metrics.set("replicas_ejected", (callee,), ejected)
+        if ejection:
+            self.metrics.inc("replica_ejections_total", (callee,))
 
     def record_link_open(self, callee: str) -> None:
         self.metrics.inc("link_opens_total", (callee,))

@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from orchestrator.core.calls import message_limits
-from orchestrator.core.config import ConfigError, MeshConfig, ServerConfig, load_config
+from orchestrator.core.calls import keepalive, message_limits, ping_policy
+from orchestrator.core.config import ConfigError, MeshConfig, NetworkConfig, ServerConfig, load_config
 from orchestrator.core.errors import WireStatus
 from orchestrator.core.telemetry import Telemetry, build_telemetry
 from orchestrator.runtime.downstream import Downstream
@@ -196,8 +196,9 @@ class RunningStage:
         self.metrics_address = f"{host}:{server.server_port}"
 
 
-def server_options(server: ServerConfig) -> tuple[tuple[str, Any], ...]:
-    """A process's gRPC server options, from config.
+def server_options(server: ServerConfig, network: NetworkConfig) -> tuple[tuple[str, Any], ...]:
+    """A process's gRPC server options, from config: message limits, keepalive pings to its clients (to notice
+    one that vanished), the ping rate it permits its callers, and the backlog of calls not yet picked up.
 
     gRPC holds calls that arrive faster than the process picks them up in a backlog; past
     ``grpc.server.max_pending_requests`` (1000 by default) it cancels a growing share of them at random
@@ -208,6 +209,8 @@ def server_options(server: ServerConfig) -> tuple[tuple[str, Any], ...]:
     """
     return (
         *message_limits(server),
+        *keepalive(network),
+        *ping_policy(network),
         ("grpc.server.max_pending_requests", server.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * server.max_pending_calls),
     )

@@ -11,14 +11,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from orchestrator.core.calls import Call, Metadata, Transport, channel_options
-from orchestrator.core.config import MeshConfig, ServerConfig
+from orchestrator.core.config import MeshConfig
 from orchestrator.core.graph import CALLEE, Stage, stage
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import LinkClient
+from orchestrator.runtime.replicas import Replicas
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
+
+
+async def serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    """Whether the server behind ``channel`` answers SERVING (``grpc.health.v1``) within ``timeout_s``."""
+    try:
+        reply = await HealthStub(channel).Check(HealthCheckRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == HealthCheckResponse.SERVING)
 
 
 class PlainTransport:
@@ -27,6 +39,9 @@ class PlainTransport:
     def __init__(self, channel: grpc.aio.Channel, method: Any) -> None:
         self._channel = channel
         self._method = method
+
+    async def healthy(self, timeout_s: float) -> bool:
+        return await serving(self._channel, timeout_s)
 
     def __call__(
         self, request: types_pb2.PromptRequest, *, timeout: float | None = None, metadata: Metadata | None = None
@@ -49,17 +64,20 @@ class LinkTransport(LinkClient[Any]):
         )
         self._channel = channel
 
+    async def healthy(self, timeout_s: float) -> bool:
+        return await serving(self._channel, timeout_s)
+
     async def close(self) -> None:
         await super().close()
         await self._channel.close()
 
 
-def connect(callee: Stage, address: str, server: ServerConfig, telemetry: Telemetry) -> Transport:
-    """A transport to the replica of ``callee`` at ``address``, as ``server`` configures hops."""
-    channel = grpc.aio.insecure_channel(address, options=channel_options(server))
+def connect(callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
+    """A transport to the replica of ``callee`` at ``address``, as ``cfg`` configures hops."""
+    channel = grpc.aio.insecure_channel(address, options=channel_options(cfg.server, cfg.network))
     method = getattr(getattr(stages_pb2_grpc, f"{callee.service}Stub")(channel), callee.method)
-    if server.stage_links:
-        return LinkTransport(channel, callee, method, telemetry, server.max_message_bytes)
+    if cfg.server.stage_links:
+        return LinkTransport(channel, callee, method, telemetry, cfg.server.max_message_bytes)
     return PlainTransport(channel, method)
 
 
@@ -67,5 +85,5 @@ def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstr
     """The calls ``caller`` makes to its callee's replicas, as configured."""
     callee = stage(CALLEE[caller])
     addresses: Sequence[str] = cfg.stage(callee.name).addresses()
-    transports = {addr: connect(callee, addr, cfg.server, telemetry) for addr in addresses}
-    return Downstream(callee.name, transports, callee.rpc, telemetry)
+    transports = {addr: connect(callee, addr, cfg, telemetry) for addr in addresses}
+    return Downstream(Replicas(callee.name, transports, cfg.network, telemetry), callee.rpc, telemetry)

@@ -66,5 +66,5 @@ def app_of(
     handler = getattr(servicer, spec.method)
     links = link_service(handler, runtime.telemetry, stage=name, max_message_bytes=cfg.server.max_message_bytes)
     services = [rpc_service(spec, handler), links]
-    options = server_options(cfg.server)
+    options = server_options(cfg.server, cfg.network)
     return StageApp(name, runtime, services, options=options, downstream=downstream, **extra)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
-from orchestrator.core.calls import CallContext
+from orchestrator.core.calls import CallContext, channel_options
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import inference
@@ -102,6 +102,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
             telemetry,
             on_breaker_change=lambda is_open: app.set_ready(not is_open),
             stage=NAME,
+            channel_options=channel_options(config.server, config.network),
         )
 
     servicer = InferenceServicer(runtime, assemble, new_worker(cfg), stats, c.coalesce_tokens, c.coalesce_ms)

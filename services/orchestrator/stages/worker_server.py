@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2
 
+from orchestrator.core.calls import channel_options
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.errors import OrchestratorError, to_status
 from orchestrator.runtime.server import (
@@ -73,9 +74,9 @@ class WorkerAdmin(admin_pb2_grpc.AdminServiceServicer):
 
 
 async def serve(cfg: MeshConfig, host: str, port: int, ready_file: str | None) -> None:
-    worker = build_worker(cfg.inference.worker)
+    worker = build_worker(cfg.inference.worker, channel_options=channel_options(cfg.server, cfg.network))
     stats = WorkerStats()
-    server = new_server(server_options(cfg.server))
+    server = new_server(server_options(cfg.server, cfg.network))
     worker_pb2_grpc.add_ModelWorkerServiceServicer_to_server(WorkerServicer(worker, stats), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(WorkerAdmin(worker.name, stats), server)
     health_servicer = add_health_and_reflection(server, (WORKER_SERVICE,))

@@ -5,31 +5,32 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 
+from orchestrator.core.calls import Options
 from orchestrator.core.config import WorkerConfig
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.workers.base import ModelWorker
 
 
-def _echo(cfg: WorkerConfig, env: Mapping[str, str]) -> ModelWorker:
+def _echo(cfg: WorkerConfig, env: Mapping[str, str], options: Options) -> ModelWorker:
     from orchestrator.workers.echo import EchoWorker
 
     return EchoWorker(cfg.echo)
 
 
-def _openai(cfg: WorkerConfig, env: Mapping[str, str]) -> ModelWorker:
+def _openai(cfg: WorkerConfig, env: Mapping[str, str], options: Options) -> ModelWorker:
     from orchestrator.workers.openai import OpenAIWorker, read_api_key
 
     return OpenAIWorker(cfg.openai, read_api_key(cfg.openai, env))
 
 
-def _remote(cfg: WorkerConfig, env: Mapping[str, str]) -> ModelWorker:
+def _remote(cfg: WorkerConfig, env: Mapping[str, str], options: Options) -> ModelWorker:
     from orchestrator.workers.remote import RemoteWorker
 
-    return RemoteWorker(cfg.remote.address)
+    return RemoteWorker(cfg.remote.address, options=options)
 
 
 # Each kind imports its client only when built: a stage pays (start-up time, memory) only for the one it uses.
-BUILDERS: dict[str, Callable[[WorkerConfig, Mapping[str, str]], ModelWorker]] = {
+BUILDERS: dict[str, Callable[[WorkerConfig, Mapping[str, str], Options], ModelWorker]] = {
     "echo": _echo,
     "openai": _openai,
     "remote": _remote,
@@ -44,13 +45,14 @@ def build_worker(
     env: Mapping[str, str] | None = None,
     on_breaker_change: Callable[[bool], None] | None = None,
     stage: str = "",
+    channel_options: Options = (),
 ) -> ModelWorker:
     """The worker ``cfg.kind`` names. Workers that call a backend get retries and a circuit breaker, whose
-    metrics carry ``stage``."""
+    metrics carry ``stage``; one that calls over gRPC uses ``channel_options`` (keepalive, limits)."""
     build = BUILDERS.get(cfg.kind)
     if build is None:
         raise ValueError(f"unknown worker kind {cfg.kind!r}; known: {', '.join(BUILDERS)}")
-    worker = build(cfg, os.environ if env is None else env)
+    worker = build(cfg, os.environ if env is None else env, channel_options)
     if cfg.kind in _UNWRAPPED:
         if cfg.name:
             worker.name = cfg.name

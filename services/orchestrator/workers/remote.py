@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.core.calls import CHANNEL_OPTIONS
+from orchestrator.core.calls import Options
 from orchestrator.core.errors import OrchestratorError, from_rpc_error
 from orchestrator.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from orchestrator.workers.base import GenerationRequest, ModelWorker
@@ -22,10 +22,10 @@ def _as_backend_error(err: grpc.aio.AioRpcError) -> OrchestratorError:
 class RemoteWorker(ModelWorker):
     """Streams tokens from a ``ModelWorkerService``; closing the generation cancels the call."""
 
-    def __init__(self, address: str, name: str = "") -> None:
+    def __init__(self, address: str, name: str = "", options: Options = ()) -> None:
         self.address = address
         self.name = name or f"remote:{address}"
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = worker_pb2_grpc.ModelWorkerServiceStub(self._channel)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
