@@ -84,7 +84,7 @@ test: $(STAMP) $(NODE_STAMP) $(LLAMA_STAMP) check-protos buf-lint lint
 
 # Unit and in-process tests: no subprocess meshes, no peers, no llama.cpp build.
 test-quick: $(STAMP)
-	$(BIN)/pytest -m "not mesh and not peer and not llama"
+	$(BIN)/pytest -m "not mesh and not peer and not llama and not multihost"
 
 run-mesh: $(STAMP)
 	$(BIN)/orchestrator demo

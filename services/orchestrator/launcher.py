@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,43 @@ def _tail(path: Path | None, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def spawn_stage(
+    name: str,
+    env: Mapping[str, str],
+    ready: Path,
+    log_path: Path | None,
+    config: str | None = None,
+    wrap: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """Start the stage ``name`` as a process that writes ``ready`` once it serves; ``wrap`` runs it under another
+    command (``ip netns exec HOST``, for the multi-host tests)."""
+    ready.unlink(missing_ok=True)
+    argv = [*wrap, sys.executable, "-m", f"orchestrator.stages.{name}", "--ready-file", str(ready)]
+    if config:
+        argv += ["--config", config]
+    stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
+    finally:
+        if stderr is not None:
+            stderr.close()
+
+
+def wait_ready_file(
+    name: str, popen: subprocess.Popen[bytes], ready: Path, log_path: Path | None, timeout_s: float
+) -> dict[str, str]:
+    """What the stage wrote to ``ready`` once serving (its address), or LaunchError with the end of its log."""
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if popen.poll() is not None:
+            raise LaunchError(f"{name} stage exited with code {popen.returncode} before serving\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{name} stage did not start within {timeout_s:.0f}s\n{_tail(log_path)}")
+        time.sleep(_POLL_S)
+    info: dict[str, str] = json.loads(ready.read_text())
+    return info
+
+
 def wait_healthy(address: str, timeout_s: float) -> None:
     """Poll grpc.health.v1 until the server at ``address`` reports SERVING."""
     deadline = time.monotonic() + timeout_s
@@ -77,34 +114,15 @@ class Mesh:
         return self.stages[stage].address
 
     def spawn(self, name: str, env: Mapping[str, str], config: str | None, log_to_files: bool) -> StageProcess:
-        ready = self.run_dir / f"{name}.ready"
-        ready.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", f"orchestrator.stages.{name}", "--ready-file", str(ready)]
-        if config:
-            argv += ["--config", config]
         log_path = self.run_dir / f"{name}.log" if log_to_files else None
-        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
-        try:
-            popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
-        finally:
-            if stderr is not None:
-                stderr.close()
+        popen = spawn_stage(name, env, self.run_dir / f"{name}.ready", log_path, config)
         proc = StageProcess(name, popen, "", log_path, dict(env), config)
         self.stages[name] = proc
         return proc
 
     def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
-        ready = self.run_dir / f"{proc.name}.ready"
         deadline = time.monotonic() + timeout_s
-        while not ready.exists():
-            if proc.popen.poll() is not None:
-                raise LaunchError(
-                    f"{proc.name} stage exited with code {proc.popen.returncode} before serving\n{_tail(proc.log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise LaunchError(f"{proc.name} stage did not start within {timeout_s:.0f}s\n{_tail(proc.log_path)}")
-            time.sleep(_POLL_S)
-        info = json.loads(ready.read_text())
+        info = wait_ready_file(proc.name, proc.popen, self.run_dir / f"{proc.name}.ready", proc.log_path, timeout_s)
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
         wait_healthy(proc.address, max(1.0, deadline - time.monotonic()))
