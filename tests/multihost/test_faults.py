@@ -77,13 +77,16 @@ def test_a_silently_partitioned_replica_costs_its_sessions_little_and_the_others
     assert all(r.get("model") == "infa" for r in seen["after"]), seen["after"]  # healed: its sessions return
 
 
+@pytest.mark.parametrize("links", ["true", "false"])
 @pytest.mark.parametrize("before_first_token", [False, True], ids=["mid-stream", "before-first-token"])
-def test_a_vanished_client_is_noticed_and_its_generation_stops(network: Network, before_first_token: bool) -> None:
+def test_a_vanished_client_is_noticed_and_its_generation_stops(
+    network: Network, before_first_token: bool, links: str
+) -> None:
     # Before the first token: the worker waits for a gate file that never appears, so nothing is streaming.
     # Mid-stream: a token every 100 ms, so the answer (~150 tokens) is still streaming when the client goes.
     gated = {"ORCH_INFERENCE_WORKER_ECHO_GATE_FILE": "/nonexistent/gate"}
     settings = gated if before_first_token else {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "100"}
-    mesh = start_mesh(network, inf=settings)
+    mesh = start_mesh(network, links, inf=settings)
     n = 3
     spec = {"scenario": "hold", "edge": mesh["edge"], "n": n, "first_chunk": not before_first_token, "hold_s": 60}
     holder = mesh["client"].popen(
