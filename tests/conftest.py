@@ -156,3 +156,16 @@ def fresh_mesh(tmp_path: Path) -> Iterator[Callable[..., Mesh]]:
     yield _start
     for m in started:
         m.stop()
+
+
+def scrape(metrics_address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A stage's Prometheus /metrics, as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -103,8 +103,8 @@ def _status(args: argparse.Namespace) -> int:
             return 1
         targets = [addr for name in STAGES for addr in cfg.stage(name).addresses()]
     print(
-        f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'admitted':>9} {'shed':>7} {'ok':>8} "
-        f"{'invalid':>7} {'failed':>7} {'cancel':>7}  worker"
+        f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
+        f"{'ok':>8} {'invalid':>7} {'failed':>7} {'cancel':>7}  worker"
     )
     failed = 0
     for address in targets:
@@ -122,8 +122,9 @@ def _status(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {f'{q.active}/{q.concurrency}':>9} "
-            f"{c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
+            f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
+            f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "
+            f"{c.failed:>7} {c.cancelled:>7}  {worker}"
         )
     return 1 if failed else 0
 

@@ -18,7 +18,7 @@ from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, types_pb2
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request
-from tests.conftest import poll, stage_status
+from tests.conftest import poll, scrape, stage_status
 
 pytestmark = pytest.mark.mesh
 
@@ -107,6 +107,8 @@ async def test_surge_admits_capacity_plus_concurrency_and_sheds_the_rest(fresh_m
         ORCH_INFERENCE_QUEUE_CAPACITY=str(capacity),
         ORCH_INFERENCE_CONCURRENCY=str(concurrency),
         ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate),
+        # The test holds requests in the queue on purpose: no bound on how long they may wait there.
+        ORCH_INFERENCE_MAX_QUEUE_WAIT_MS="600000",
     )
     outcomes: list[object] = []
 
@@ -225,7 +227,14 @@ async def test_a_burst_over_the_edge_capacity_is_answered_and_counted_in_full(fr
     this size, unanswered and uncounted.)"""
     n = 1500
     gate = tmp_path / "gate"
-    m: Mesh = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate))
+    # Held at the worker until every call has arrived: no bound on queue waits meanwhile, and the edge's
+    # limit fixed at its configured 1,024 (an adaptive one would come down as the queues below fill).
+    m: Mesh = fresh_mesh(
+        ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate),
+        ORCH_INFERENCE_MAX_QUEUE_WAIT_MS="600000",
+        ORCH_STREAM_MAX_QUEUE_WAIT_MS="600000",
+        ORCH_STREAM_ADAPTIVE_LIMIT="false",
+    )
     outcomes: list[str] = []
 
     async def one(i: int, client: AsyncOrchestratorClient) -> None:
@@ -255,3 +264,44 @@ async def test_a_burst_over_the_edge_capacity_is_answered_and_counted_in_full(fr
 
     status = poll(edge_counted, what="the edge to count every call")
     assert (status.counters.ok, status.counters.shed) == (outcomes.count("ok"), outcomes.count("shed"))
+
+
+async def test_overload_is_shed_fast_and_what_is_admitted_waits_little(fresh_mesh) -> None:  # type: ignore[no-untyped-def]
+    """Open-loop load at several times what the model can serve: every request ends admitted and completed, or
+    shed with the stage that shed it, and the edge counts exactly what was sent. Admitted requests waited for
+    slots no longer than the bound (1 s by default) in all stages together, and the edge's adaptive limit came
+    down from its configured 1,024 to about what the model keeps busy."""
+    m: Mesh = fresh_mesh(ORCH_INFERENCE_CONCURRENCY="4", ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="10")
+    rate, seconds = 300, 2.5  # ~7x the ~40 requests/s four 8-token generations at 10 ms/token serve
+    results: list[tuple[str, float]] = []
+
+    async def one(i: int, client: AsyncOrchestratorClient) -> None:
+        try:
+            done = await client.complete(f"overload {i}", session=f"o{i}", max_tokens=8, timeout=30)
+        except OrchestratorRpcError as err:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.stage in STAGES, err
+            results.append(("shed", 0.0))
+            return
+        results.append(("ok", sum(t.queue_ms for t in done.completion.timings)))
+
+    async with AsyncOrchestratorClient(m.entry) as client:
+        tasks = []
+        started = time.monotonic()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one(i, client)))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    sent = len(tasks)
+    ok = [q for outcome, q in results if outcome == "ok"]
+    assert len(results) == sent and 0 < len(ok) < sent, (sent, len(results), len(ok))  # overloaded, still serving
+    assert sorted(ok)[int(len(ok) * 0.99) - 1] <= 1000, sorted(ok)[-10:]  # p99, all stages together: the bound
+
+    def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        samples = scrape(m.stages["stream"].metrics_address)
+        total = sum(v for (name, labels), v in samples.items() if name == "orchestrator_requests_total")
+        return samples if total == sent else None
+
+    samples = poll(counted, what="the edge to count every request")
+    edge_ok = samples[("orchestrator_requests_total", (("outcome", "ok"), ("stage", "stream")))]
+    assert edge_ok == len(ok)
+    assert samples[("orchestrator_concurrency_limit", (("stage", "stream"),))] < 1024

@@ -80,6 +80,8 @@ async def test_prometheus_scrapes_queue_depth_sheds_and_latency(
         ORCH_INFERENCE_QUEUE_CAPACITY="2",
         ORCH_INFERENCE_CONCURRENCY="1",
         ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(gate),
+        # The test holds requests in the queue on purpose: no bound on how long they may wait there.
+        ORCH_INFERENCE_MAX_QUEUE_WAIT_MS="600000",
     )
     targets = [proc.metrics_address for proc in m.stages.values()]
     assert all(targets)

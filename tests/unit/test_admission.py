@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
 from orchestrator.core.errors import Overloaded
-from orchestrator.runtime.admission import Admission, Slot
+from orchestrator.runtime.admission import Admission, Limiter, Slot
 
 
 async def test_admits_concurrency_then_queues_capacity_then_sheds() -> None:
@@ -125,3 +126,72 @@ def test_summaries_log_at_most_once_a_second_with_the_right_count_and_span() -> 
     assert summary.note(1000.5) is None
     count, seconds = summary.note(1001.1) or (0, 0.0)
     assert count == 3 and abs(seconds - 0.9) < 1e-9  # since the first unlogged one, not since the process began
+
+
+async def test_a_request_that_would_outwait_its_deadline_or_the_bound_is_shed_at_once() -> None:
+    adm = Admission("stream", capacity=10, concurrency=1, max_queue_wait_s=1.0)
+    held = await adm.acquire()
+    adm._mean_hold_s = 0.5  # measured: a slot is held half a second; one ahead, so a newcomer waits ~0.5 s
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire(deadline_s=0.2)  # less time left than the wait it can expect
+    assert info.value.metadata["reason"] == "expected_wait" and "its deadline" in info.value.message
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+    waiter = asyncio.create_task(adm.acquire(deadline_s=5.0))  # enough time left: it queues
+    await asyncio.sleep(0)
+    assert adm.waiting == 1
+    adm._mean_hold_s = 0.8  # now a newcomer (two ahead) expects 1.6 s: over the 1 s bound
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire(deadline_s=5.0)
+    assert info.value.metadata["reason"] == "expected_wait" and "the bound" in info.value.message
+    held.release()
+    (await waiter).release()
+    assert adm.stats.shed == 2 and (adm.active, adm.waiting) == (0, 0)
+
+
+async def test_a_waiter_still_queued_when_the_bound_passes_is_shed_then() -> None:
+    adm = Admission("post", capacity=10, concurrency=1, max_queue_wait_s=0.05)
+    held = await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    assert adm.waiting == 1
+    with pytest.raises(Overloaded) as info:
+        await asyncio.wait_for(waiter, 2)
+    assert info.value.metadata["reason"] == "queue_wait"
+    assert (adm.waiting, adm.stats.shed) == (0, 1)
+    held.release()
+    assert adm.active == 0  # the slot was not handed to the waiter that left
+
+
+def test_the_limit_shrinks_when_queueing_rises_and_grows_back() -> None:
+    limiter = Limiter(100, min_limit=4, target_s=0.02, window_s=0.1, min_samples=5, smoothing=0.3)
+    now, history = 0.0, []
+    for _ in range(30):  # congested: requests waited 200 ms in the queues below
+        for _ in range(5):
+            now += 0.021
+            limiter.sample(0.2, in_use=int(limiter.limit), now=now)
+        history.append(limiter.limit)
+    assert history[1] < 100 and all(b <= a for a, b in itertools.pairwise(history))
+    assert limiter.limit == 4  # never below the floor
+    for _ in range(60):  # the queues below are empty again, and the stage uses what it has
+        for _ in range(5):
+            now += 0.021
+            limiter.sample(0.0, in_use=int(limiter.limit), now=now)
+    assert limiter.limit == 100  # back to the configured concurrency, never above it
+    limiter.sample(0.0, in_use=1, now=now + 1)  # barely used: no reason to grow (nor room to)
+    assert limiter.limit == 100
+
+
+async def test_an_adaptive_limit_admits_fewer_when_it_shrinks_and_more_when_it_grows() -> None:
+    limiter = Limiter(4, min_limit=1)
+    adm = Admission("stream", capacity=10, concurrency=4, limiter=limiter)
+    limiter.limit = 2.0
+    slots = [await adm.acquire() for _ in range(2)]
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    assert (adm.active, adm.waiting, adm.concurrency) == (2, 1, 2)
+    limiter.limit = 3.0
+    slots.pop().release()  # a release admits as many waiters as the new limit allows
+    slots.append(await waiter)
+    assert (adm.active, adm.waiting) == (2, 0)
+    for slot in slots:
+        slot.release()

@@ -20,16 +20,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class QueueStatus(_message.Message):
-    __slots__ = ("capacity", "concurrency", "waiting", "active")
+    __slots__ = ("capacity", "concurrency", "waiting", "active", "concurrency_max", "max_queue_wait_ms")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_MAX_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     concurrency: int
     waiting: int
     active: int
-    def __init__(self, capacity: _Optional[int] = ..., concurrency: _Optional[int] = ..., waiting: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
+    concurrency_max: int
+    max_queue_wait_ms: int
+    def __init__(self, capacity: _Optional[int] = ..., concurrency: _Optional[int] = ..., waiting: _Optional[int] = ..., active: _Optional[int] = ..., concurrency_max: _Optional[int] = ..., max_queue_wait_ms: _Optional[int] = ...) -> None: ...
 
 class Counters(_message.Message):
     __slots__ = ("admitted", "shed", "ok", "failed", "cancelled", "invalid")

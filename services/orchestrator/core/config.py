@@ -40,6 +40,8 @@ class StageConfig:
     queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
     concurrency: int = _f(64, "requests processed at once")
     metrics_port: int = _f(-1, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
+    max_queue_wait_ms: float = _f(1000.0, "longest a request waits for a slot; one that would wait longer is shed")
+    adaptive_limit: bool = _f(False, "the concurrency limit follows the queueing measured below (at most concurrency)")
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -56,6 +58,8 @@ class StageConfig:
             out.append(f"{name}.queue_capacity must be >= 0, got {self.queue_capacity}")
         if self.concurrency < 1:
             out.append(f"{name}.concurrency must be >= 1, got {self.concurrency}")
+        if self.max_queue_wait_ms <= 0:
+            out.append(f"{name}.max_queue_wait_ms must be > 0")
         if not -1 <= self.metrics_port <= 65535:
             out.append(f"{name}.metrics_port must be in -1..65535, got {self.metrics_port}")
         for replica in self.replicas:
@@ -202,7 +206,8 @@ class StreamConfig(StageConfig):
     port: int = _f(50055, "port the stage binds (0 picks a free one)")
     metrics_port: int = _f(9105, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
     queue_capacity: int = _f(256, "requests that may wait for a slot; one more is shed")
-    concurrency: int = _f(1024, "client streams served at once")
+    concurrency: int = _f(1024, "client streams served at most at once")
+    adaptive_limit: bool = _f(True, "the concurrency limit follows the queueing measured below (at most concurrency)")
     log_sink: bool = _f(False, "also log each completion as 'session: text' (user data: off by default)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -31,6 +32,8 @@ class Scope:
     tokens_in: int = 0
     tokens_out: int = 0
     model: str = ""
+    # How long the request waited for slots in the stages below, once their timings are known.
+    queued_below_s: float | None = None
 
     def timing(self) -> types_pb2.StageTiming:
         """This stage's timing so far."""
@@ -39,6 +42,10 @@ class Scope:
             queue_ms=self.queue_s * 1000,
             duration_ms=(time.perf_counter() - self.admitted_at) * 1000,
         )
+
+    def saw(self, timings: Iterable[types_pb2.StageTiming]) -> None:
+        """The stages below reported their timings: note how long the request queued in them."""
+        self.queued_below_s = sum(t.queue_ms for t in timings) / 1000
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.admitted_at

@@ -24,7 +24,9 @@ NAMESPACE = "orchestrator"
 # How a request can end at a stage (the ``outcome`` label). ``shed_below``: shed by a stage further down and
 # passed through this one (only the stage that shed counts ``shed``).
 OUTCOMES = ("ok", "invalid", "shed", "shed_below", "cancelled", "deadline", "error")
-SHED_REASONS = ("queue_full",)
+# Why a stage shed: its queue was full, the wait a request could expect was over the bound (or its deadline),
+# or a waiter waited the longest it may.
+SHED_REASONS = ("queue_full", "expected_wait", "queue_wait")
 LINK_SIDES = ("caller", "callee")
 # Latency buckets from 0.5 ms to 60 s: stage hops are sub-millisecond, generations take seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -42,7 +44,7 @@ class MetricSpec:
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("queue_depth", "gauge", "Requests waiting in the stage's admission queue.", ("stage",)),
     MetricSpec("queue_capacity", "gauge", "Capacity of the stage's admission queue.", ("stage",)),
-    MetricSpec("concurrency_limit", "gauge", "Requests the stage processes at once.", ("stage",)),
+    MetricSpec("concurrency_limit", "gauge", "Requests the stage processes at once: the limit in force.", ("stage",)),
     MetricSpec("in_flight_requests", "gauge", "Requests in the stage: waiting or active.", ("stage",)),
     MetricSpec("queue_wait_seconds", "histogram", "Time a request waited for admission.", ("stage",)),
     MetricSpec("stage_latency_seconds", "histogram", "Time a stage held a request, by outcome.", ("stage", "outcome")),
@@ -240,6 +242,10 @@ class Telemetry:
         self.metrics.set("breaker_open", (stage,), 0)
         for state in ("open", "half_open", "closed"):
             self.metrics.inc("breaker_transitions_total", (stage, state), 0)
+
+    def record_concurrency_limit(self, stage: str, limit: int) -> None:
+        """Called when an adaptive limit moves."""
+        self.metrics.set("concurrency_limit", (stage,), limit)
 
     def record_queue_depth(self, stage: str, depth: int) -> None:
         """Called when a stage's wait queue changes length."""

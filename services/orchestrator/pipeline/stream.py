@@ -57,6 +57,7 @@ async def frame(
                 continue
             chunk = types_pb2.StreamChunk(sequence=sequence, text=post.text, request_id=request.request_id)
             if post.HasField("completion"):
+                scope.saw(post.completion.timings)
                 chunk.completion.CopyFrom(post.completion)
                 chunk.completion.timings.append(scope.timing())
                 if scope.span.is_recording():

@@ -1,10 +1,19 @@
-"""Bounded, non-blocking admission: a wait queue of fixed capacity in front of a concurrency limit."""
+"""Bounded, non-blocking admission: a wait queue in front of a concurrency limit, both bounded in time.
+
+A request is admitted while fewer than ``limit`` hold a slot, waits in FIFO order otherwise, and is shed at once
+(``Overloaded``, before anything is sent, so gRPC may retry it) when the queue is full, or when the wait it can
+expect (from measured slot hold times) is longer than ``max_queue_wait_s`` or than what is left of its deadline.
+A waiter still queued after ``max_queue_wait_s`` is shed then. The limit is the configured concurrency, or, with a
+``Limiter``, a number that follows the queueing measured below this stage and never exceeds it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -17,12 +26,74 @@ log = logging.getLogger(__name__)
 MIN_RETRY_AFTER_S = 0.01
 MAX_RETRY_AFTER_S = 5.0
 _EWMA_WEIGHT = 0.1
+_now = time.perf_counter
+# When no request has found a free slot for STANDING_AFTER_S (every one queued or was shed), the queue is
+# standing: persistent overload, not a burst. A request may then wait only STANDING_SHARE of the bound: a burst
+# is absorbed by the queue, a persistent overload is shed instead of queued, so what is admitted is served
+# promptly (the rule of CoDel and of adaptive LIFO queues). The first request admitted at once ends it.
+STANDING_AFTER_S = 0.1
+STANDING_SHARE = 0.05
 
 
 @dataclass
 class AdmissionStats:
     admitted: int = 0
     shed: int = 0
+
+
+class Limiter:
+    """A concurrency limit that follows measured queueing, in the spirit of Envoy's adaptive concurrency and
+    Netflix's gradient limiters, but on queueing delay rather than whole latency.
+
+    Each finished request reports how long it waited in the queues of the stages below (the per-stage timings
+    every answer carries); a shed below counts as a long wait. Every ``window_s`` with enough samples, the
+    median wait is compared with ``target_s``: above it the limit shrinks at once by the gradient
+    ``target / wait`` (at most halving), at or below it the limit grows by ``smoothing`` times its square root
+    while the stage uses at least half of it: quick to protect, slow to probe. The limit stays within
+    ``[min_limit, max_limit]``. Queueing, not latency,
+    because a request's latency says as much about its length (tokens, model speed) as about congestion, while
+    time spent waiting for a slot below is congestion alone; and a CPU-bound closed loop, where nothing waits
+    for a slot, keeps its full concurrency.
+    """
+
+    def __init__(
+        self,
+        max_limit: int,
+        *,
+        min_limit: int = 4,
+        target_s: float = 0.02,
+        window_s: float = 0.1,
+        min_samples: int = 5,
+        smoothing: float = 0.3,
+    ) -> None:
+        self.max_limit = max_limit
+        self.min_limit = min(min_limit, max_limit)
+        self.target_s = target_s
+        self.window_s = window_s
+        self.min_samples = min_samples
+        self.smoothing = smoothing
+        self.limit = float(max_limit)
+        self._samples: list[float] = []
+        self._window_start: float | None = None
+
+    def sample(self, queued_below_s: float, in_use: int, now: float) -> bool:
+        """Note one finished request; True when the limit was updated."""
+        self._samples.append(queued_below_s)
+        if self._window_start is None:
+            self._window_start = now
+        if now - self._window_start < self.window_s or len(self._samples) < self.min_samples:
+            return False
+        waited = statistics.median(self._samples)
+        self._samples.clear()
+        self._window_start = now
+        if waited > self.target_s:
+            new = self.limit * max(0.5, self.target_s / waited)  # at once: the queues below are growing
+        elif in_use >= self.limit / 2:
+            new = self.limit + self.smoothing * math.sqrt(self.limit)  # gently: probing for more
+        else:
+            return False  # not using what it has: no reason to grow
+        self.limit = min(float(self.max_limit), max(float(self.min_limit), new))
+        return True
 
 
 class Slot:
@@ -36,10 +107,12 @@ class Slot:
         self.queue_s = queue_s
         self.admitted_at = time.perf_counter()
 
-    def release(self) -> None:
+    def release(self, queued_below_s: float | None = None) -> None:
+        """Give the slot back; ``queued_below_s``: how long the request waited in the stages below (a limiter's
+        sample), None when not known."""
         if not self._released:
             self._released = True
-            self._admission._release(time.perf_counter() - self.admitted_at)
+            self._admission._release(time.perf_counter() - self.admitted_at, queued_below_s)
 
     async def __aenter__(self) -> Slot:
         return self
@@ -49,26 +122,45 @@ class Slot:
 
 
 class Admission:
-    """Admit up to ``concurrency`` requests at once and let ``capacity`` more wait.
+    """Admit up to ``limit`` requests at once and let up to ``capacity`` more wait, none longer than
+    ``max_queue_wait_s`` (see the module's docstring).
 
-    ``acquire`` never blocks to decide: when the wait queue is full it raises
-    ``Overloaded`` at once, so a shed reaches the caller before any response message
-    (which keeps it transparently retryable, gRFC A6). A waiter that is cancelled
-    (caller gone, deadline passed) leaves the queue at once. Slots are handed to
-    waiters in FIFO order.
+    ``acquire`` never blocks to decide: it raises ``Overloaded`` at once, so a shed reaches the caller before any
+    response message (which keeps it transparently retryable, gRFC A6). A waiter that is cancelled (caller gone,
+    deadline passed) leaves the queue at once. Slots are handed to waiters in FIFO order.
     """
 
-    def __init__(self, stage: str, capacity: int, concurrency: int, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        capacity: int,
+        concurrency: int,
+        telemetry: Telemetry | None = None,
+        *,
+        max_queue_wait_s: float = math.inf,
+        limiter: Limiter | None = None,
+    ) -> None:
         if concurrency < 1 or capacity < 0:
             raise ValueError("concurrency must be >= 1 and capacity >= 0")
         self.stage = stage
         self.capacity = capacity
-        self.concurrency = concurrency
+        self.max_concurrency = concurrency
+        self.max_queue_wait_s = max_queue_wait_s
+        self.limiter = limiter
         self.stats = AdmissionStats()
         self._telemetry = telemetry or Telemetry()
         self._active = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Each waiter's future is set True when it is handed a slot, False when it waited too long.
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._mean_hold_s = 0.0
+        self._queued_since: float | None = None  # since when no request found a free slot
+
+    @property
+    def concurrency(self) -> int:
+        """The limit in force: the configured concurrency, or what the limiter allows now."""
+        if self.limiter is None:
+            return self.max_concurrency
+        return max(1, int(self.limiter.limit))
 
     @property
     def active(self) -> int:
@@ -78,53 +170,119 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def expected_wait_s(self) -> float:
+        """How long a request queued now can expect to wait: the queue ahead of it drained at the measured rate."""
+        return self._mean_hold_s * (len(self._waiters) + 1) / self.concurrency
+
     def retry_after_s(self) -> float:
         """Expected time for the queue to drain by one concurrency's worth: the shed's retry hint."""
         estimate = self._mean_hold_s * max(1, len(self._waiters)) / self.concurrency
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
-    async def acquire(self) -> Slot:
+    def wait_bound_s(self) -> float:
+        """The longest a request queued now may wait: ``max_queue_wait_s`` while the queue absorbs a burst, a
+        small share of it once the queue has stood non-empty for ``STANDING_AFTER_S`` (persistent overload)."""
+        since = self._queued_since
+        if since is not None and _now() - since > STANDING_AFTER_S:
+            return self.max_queue_wait_s * STANDING_SHARE
+        return self.max_queue_wait_s
+
+    def check(self, deadline_s: float | None = None) -> None:
+        """Raise ``Overloaded`` if a request arriving now would be shed; admit nothing. Synchronous and cheap, so
+        a shed is decided before the request costs anything else."""
+        if self._active < self.concurrency and not self._waiters:
+            return
+        if len(self._waiters) >= self.capacity:
+            waiting = f"{self.capacity} requests already waiting for {self.concurrency} slots"
+            raise self._overloaded("queue_full", waiting)
+        limit = self.wait_bound_s()
+        bound = limit if deadline_s is None else min(limit, deadline_s)
+        expected = self.expected_wait_s()
+        if expected > bound:
+            why = "its deadline" if deadline_s is not None and deadline_s < limit else "the bound"
+            raise self._overloaded("expected_wait", f"a request would wait ~{expected * 1000:.0f} ms, over {why}")
+
+    async def acquire(self, deadline_s: float | None = None) -> Slot:
+        """A slot, now or after waiting in the queue; ``deadline_s``: the time the caller has left."""
         if self._active < self.concurrency and not self._waiters:
             self._active += 1
             self.stats.admitted += 1
             self._telemetry.record_queue_depth(self.stage, 0)
+            self._queued_since = None
             return Slot(self, 0.0)
-        if len(self._waiters) >= self.capacity:
-            self.stats.shed += 1
-            self._telemetry.record_shed(self.stage, "queue_full")
-            raise Overloaded(
-                f"{self.stage} stage is overloaded: {self.capacity} requests already waiting "
-                f"for {self.concurrency} slots",
-                stage=self.stage,
-                retry_after_s=self.retry_after_s(),
-                metadata={"capacity": str(self.capacity), "concurrency": str(self.concurrency)},
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._queued_since is None:
+            self._queued_since = _now()
+        self.check(deadline_s)
+        bound = self.wait_bound_s()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
         self._telemetry.record_queue_depth(self.stage, len(self._waiters))
         started = time.perf_counter()
+        timer = None if math.isinf(bound) else loop.call_later(bound, self._expire, waiter)
         try:
-            await waiter
+            admitted = await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.result():
                 # The slot was handed over just as we were cancelled: pass it on.
-                self._release(0.0, count=False)
+                self._release(0.0, None, count=False)
             else:
-                self._waiters.remove(waiter)
+                self._remove(waiter)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        waited = time.perf_counter() - started
+        if not admitted:
+            # Raised fresh, never kept in a local: its traceback holds this frame, which holds the waiter.
+            raise self._overloaded("queue_wait", f"waited {bound * 1000:.0f} ms for a slot")
         self.stats.admitted += 1
-        return Slot(self, time.perf_counter() - started)
+        return Slot(self, waited)
 
-    def _release(self, held_s: float, *, count: bool = True) -> None:
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        """A waiter queued for as long as it may leaves the queue, to be shed (still before any message)."""
+        if not waiter.done():
+            self._remove(waiter)
+            waiter.set_result(False)
+
+    def _remove(self, waiter: asyncio.Future[bool]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self._telemetry.record_queue_depth(self.stage, len(self._waiters))
+
+    def _overloaded(self, reason: str, what: str) -> Overloaded:
+        """A shed: counted here, raised by the caller."""
+        self.stats.shed += 1
+        self._telemetry.record_shed(self.stage, reason)
+        metadata = {"capacity": str(self.capacity), "concurrency": str(self.concurrency)}
+        if reason != "queue_full":
+            metadata["reason"] = reason
+        return Overloaded(
+            f"{self.stage} stage is overloaded: {what}",
+            stage=self.stage,
+            retry_after_s=self.retry_after_s(),
+            metadata=metadata,
+        )
+
+    def _release(self, held_s: float, queued_below_s: float | None, *, count: bool = True) -> None:
         if count:
             if self._mean_hold_s == 0.0:
                 self._mean_hold_s = held_s  # the first sample, rather than a long climb from zero
             else:
                 self._mean_hold_s += _EWMA_WEIGHT * (held_s - self._mean_hold_s)
-        while self._waiters:
+            limiter = self.limiter
+            if limiter and queued_below_s is not None and limiter.sample(queued_below_s, self._active, _now()):
+                self._telemetry.record_concurrency_limit(self.stage, self.concurrency)
+        self._active -= 1
+        self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        """Hand free slots to waiters, first come first served, up to the limit in force."""
+        if not self._waiters:
+            return
+        while self._waiters and self._active < self.concurrency:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # hand the slot over; _active stays the same
-                self._telemetry.record_queue_depth(self.stage, len(self._waiters))
-                return
-        self._active -= 1
+                self._active += 1
+                waiter.set_result(True)
+        self._telemetry.record_queue_depth(self.stage, len(self._waiters))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from orchestrator.core.errors import ChannelClosed, OrchestratorError, WireStatu
 from orchestrator.core.requests import Undecodable, normalize_request
 from orchestrator.core.scope import Scope
 from orchestrator.core.telemetry import Telemetry, mark_span
-from orchestrator.runtime.admission import Admission, Slot
+from orchestrator.runtime.admission import Admission, Limiter, Slot
 from orchestrator.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEADLINE_SLACK_S = 0.05
+# A shed further down, as an adaptive limit's sample: a wait long enough to shrink the limit by half.
+SHED_BELOW_AS_WAIT_S = 1.0
 SUMMARY_INTERVAL_S = 1.0
 
 
@@ -73,6 +76,8 @@ class StageRuntime:
         telemetry: Telemetry | None = None,
         rpc: str = "",
         record_input: bool = False,
+        max_queue_wait_s: float = math.inf,
+        adaptive: bool = False,
     ) -> None:
         self.stage = stage
         self.rpc = rpc or stage
@@ -80,7 +85,10 @@ class StageRuntime:
         self.record_input = record_input
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
-        self.admission = Admission(stage, capacity, concurrency, self.telemetry)
+        limiter = Limiter(concurrency) if adaptive else None
+        self.admission = Admission(
+            stage, capacity, concurrency, self.telemetry, max_queue_wait_s=max_queue_wait_s, limiter=limiter
+        )
         self.outcomes = Outcomes()
         self.draining = False
         self._summaries = {"shed": _Summary(), "invalid": _Summary()}
@@ -102,6 +110,8 @@ class StageRuntime:
             telemetry=telemetry,
             rpc=rpc,
             record_input=record_input,
+            max_queue_wait_s=own.max_queue_wait_ms / 1000,
+            adaptive=own.adaptive_limit,
         )
 
     @property
@@ -134,17 +144,18 @@ class StageRuntime:
         started = time.perf_counter()
         span, token = self._open_span(context)
         scope: Scope | None = None
+        slot: Slot | None = None
         outcome = "error"
         request_id = ""
         self._track(+1)
         try:
-            request = self._accept(request, span)
+            deadline_s = context.time_remaining()
+            request = self._accept(request, span, deadline_s)
             request_id = request.request_id
-            slot = await self.admission.acquire()
-            async with slot:
-                scope = self._scope(request, slot, span)
-                async for message in body(scope):
-                    yield message
+            slot = await self.admission.acquire(deadline_s)
+            scope = self._scope(request, slot, span)
+            async for message in body(scope):
+                yield message
             outcome = "ok"
             self.outcomes.ok += 1
         except (asyncio.CancelledError, GeneratorExit):
@@ -156,9 +167,19 @@ class StageRuntime:
         except Exception as exc:
             outcome = self._crashed(request_id, context, span, exc)
         finally:
+            if slot is not None:
+                slot.release(self._queued_below(scope, outcome))
             self._track(-1)
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
             self._close_span(span, token, outcome, scope)
+
+    @staticmethod
+    def _queued_below(scope: Scope | None, outcome: str) -> float | None:
+        """What the request says of congestion below this stage (an adaptive limit's sample): how long it waited
+        in the queues there, or, shed there, as long as any request may wait."""
+        if outcome == "shed_below":
+            return SHED_BELOW_AS_WAIT_S
+        return scope.queued_below_s if scope is not None else None
 
     # -- spans -------------------------------------------------------------------------------------
 
@@ -198,11 +219,15 @@ class StageRuntime:
 
     # -- admission and accounting ------------------------------------------------------------------
 
-    def _accept(self, request: types_pb2.PromptRequest | Undecodable, span: Span) -> types_pb2.PromptRequest:
-        """Refuse a request this stage must not take, before any work: draining, or invalid."""
+    def _accept(
+        self, request: types_pb2.PromptRequest | Undecodable, span: Span, deadline_s: float | None
+    ) -> types_pb2.PromptRequest:
+        """Refuse a request this stage must not take, before any work: draining, overloaded, or invalid. A shed
+        is decided first: under overload it is the common answer, and the cheapest one."""
         if self.draining:
             # UNAVAILABLE before any message: the caller may retry on another replica.
             raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
+        self.admission.check(deadline_s)
         request = normalize_request(request, self.limits)
         if span.is_recording():
             self._describe(span, request)
@@ -300,7 +325,12 @@ class StageRuntime:
         return admin_pb2.GetStatusResponse(
             stage=self.stage,
             queue=admin_pb2.QueueStatus(
-                capacity=adm.capacity, concurrency=adm.concurrency, waiting=adm.waiting, active=adm.active
+                capacity=adm.capacity,
+                concurrency=adm.concurrency,
+                waiting=adm.waiting,
+                active=adm.active,
+                concurrency_max=adm.max_concurrency,
+                max_queue_wait_ms=0 if math.isinf(adm.max_queue_wait_s) else round(adm.max_queue_wait_s * 1000),
             ),
             counters=admin_pb2.Counters(
                 admitted=adm.stats.admitted,
