@@ -7,6 +7,9 @@ way are what the mesh's five stages would cost if the stages did nothing but cal
 gRPC call per request per hop. With ``--links`` as well, the processes call each other over stage
 links as the mesh does (the link chain floor): the mesh minus everything its stages do.
 
+With ``--shed`` instead, it refuses every request at once with RESOURCE_EXHAUSTED, before any message, as a shed
+does: the shed floor, what an answer costs the load generator and one hop at a given rate.
+
 All serve the same ``StreamService/Submit`` as the mesh's edge, so the same client measures all.
 """
 
@@ -40,6 +43,14 @@ async def tokens(
     yield last
 
 
+async def shed(request: types_pb2.PromptRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """Refuse at once, trailers-only, as the mesh's sheds are sent."""
+    context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    context.set_details("shed floor")
+    return
+    yield  # an async generator, like the stage handlers
+
+
 def relay_to(next_call: Callable[..., Any]) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """A ``Submit`` handler that passes each request to ``next_call`` and its answers back."""
 
@@ -68,20 +79,22 @@ def _serialize(message: types_pb2.StreamChunk) -> bytes:
     return message.SerializeToString()
 
 
-async def _serve(ready_file: str, next_address: str | None, links: bool) -> None:
+async def _serve(ready_file: str, next_address: str | None, links: bool, refuse: bool) -> None:
     server = grpc.aio.server()
     channel = None
     if next_address:
         channel = grpc.aio.insecure_channel(next_address)
-    if channel is None:
-        handler: Callable[..., AsyncIterator[Any]] = tokens
+    if refuse:
+        handler: Callable[..., AsyncIterator[Any]] = shed
+    elif channel is None:
+        handler = tokens
     elif links:
         plain = stages_pb2_grpc.StreamServiceStub(channel).Submit
         handler = relay_to(LinkClient(channel, "next", types_pb2.StreamChunk.FromString, fallback=plain))
     else:
         handler = relay_to(channel.unary_stream(SUBMIT))  # no (de)serializers: bytes pass through
     # A relay of the bare chain parses nothing; the rest (the tail, the link chain) speaks messages.
-    server.add_generic_rpc_handlers((submit_service(handler, typed=links or channel is None),))
+    server.add_generic_rpc_handlers((submit_service(handler, typed=links or channel is None or refuse),))
     if links:
         # Every process of the link chain but the first is called over LinkService.
         link_service(handler).add(server)
@@ -99,11 +112,12 @@ def main() -> None:
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--next", help="relay to this address (a link of the bare chain)")
     parser.add_argument("--links", action="store_true", help="call --next over a stage link (the link chain)")
+    parser.add_argument("--shed", action="store_true", help="refuse every request at once (the shed floor)")
     parser.add_argument(
         "--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="run as the stages do (default uvloop)"
     )
     args = parser.parse_args()
-    run_loop(_serve(args.ready_file, args.next, args.links), args.event_loop == "uvloop")
+    run_loop(_serve(args.ready_file, args.next, args.links, args.shed), args.event_loop == "uvloop")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ class Sample:
     total_s: float
     tokens: int
     outcome: str  # ok | shed | error
+    queue_s: float = 0.0  # time waited for slots in all stages together (from the final chunk's timings)
 
 
 async def run_one(submit: Submit, i: int) -> Sample:
     started = time.perf_counter()
     first = None
     tokens = 0
+    queue_s = 0.0
     outcome = "ok"
     try:
         async for chunk in submit(i):
@@ -41,11 +43,12 @@ async def run_one(submit: Submit, i: int) -> Sample:
                 first = time.perf_counter() - started
             if chunk.HasField("completion"):
                 tokens = chunk.completion.usage.completion_tokens
+                queue_s = sum(t.queue_ms for t in chunk.completion.timings) / 1000
     except OrchestratorRpcError as err:
         outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
     except OrchestratorError as err:  # the in-process floor raises ours directly
         outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
-    return Sample(started, first, time.perf_counter() - started, tokens, outcome)
+    return Sample(started, first, time.perf_counter() - started, tokens, outcome, queue_s)
 
 
 @dataclass

@@ -57,6 +57,7 @@ def summarize(
         "ttfc_ms": {q: ms(pct(ttfc, q)) for q in (50, 90, 99)} | {"max": ms(max(ttfc, default=None))},
         "total_ms": {q: ms(pct(total, q)) for q in (50, 90, 99)} | {"max": ms(max(total, default=None))},
         "shed_reply_ms": {q: ms(pct([s.total_s for s in shed], q)) for q in (50, 99)},
+        "queue_wait_ms": {q: ms(pct([s.queue_s for s in ok], q)) for q in (50, 99)},
         "cpu_ms_per_request": round(cpu_s * 1000 / max(1, len(done_ok)), 3) if cpu_s else None,
     }
 

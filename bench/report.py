@@ -53,6 +53,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| {row['name']} | {_fmt(row['chain_over_hop'])} | {_fmt(row.get('link_chain_over_hop'))} "
                 f"| {_fmt(row['mesh_over_hop'])} | {_fmt(row['mesh_over_chain'])} |"
             )
+    lines += _overload_table(results["runs"])
     if "cancel_stop_ms" in extra:
         c = extra["cancel_stop_ms"]
         lines += [
@@ -112,6 +113,39 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overload_table(runs: list[dict[str, Any]]) -> list[str]:
+    """The overload steps side by side: goodput, sheds against the load generator's floor, admitted latency."""
+    steps = [r for r in runs if r["scenario"] == "overload" and r["mode"] == "open" and r["target"].startswith("mesh")]
+    if not steps:
+        return []
+    floors = {
+        (r["placement"], r["load_factor"]): r["shed_reply_ms"][99]
+        for r in runs
+        if r["scenario"] == "overload" and r["target"].startswith("shed floor")
+    }
+    lines = [
+        "",
+        "## Overload",
+        "",
+        "Open-loop (Poisson) load at multiples of the capacity measured just before; the mesh on all cores, then",
+        "confined to one core with the load generator on the other. The shed floor is a server that refuses every",
+        "request at once, measured at the same rate: what a shed reply costs the load generator and one hop.",
+        "",
+        "| placement | load | offered/s | goodput/s | shed | shed reply p50 / p99 ms | shed floor p99 ms "
+        "| admitted total p99 ms | queue wait p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in steps:
+        floor = floors.get((r["placement"], r["load_factor"]))
+        lines.append(
+            f"| {r['placement']} | {r['load_factor']}x | {r['offered_rps']:.0f} | {_fmt(r['rps'])} "
+            f"| {r['shed_rate'] * 100:.1f}% | {_fmt(r['shed_reply_ms'][50])} / {_fmt(r['shed_reply_ms'][99])} "
+            f"| {_fmt(floor)} | {_fmt(r['total_ms'][99])} "
+            f"| {_fmt(r['queue_wait_ms'][50])} / {_fmt(r['queue_wait_ms'][99])} |"
+        )
+    return lines
+
+
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """latency_cdf.png (latency scenario) and overload.png (throughput and shed rate vs offered load)."""
     import matplotlib
@@ -140,16 +174,23 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    steps = [r for r in results["runs"] if r["scenario"] == "overload" and r["mode"] == "open"]
+    steps = [
+        r
+        for r in results["runs"]
+        if r["scenario"] == "overload" and r["mode"] == "open" and r["target"].startswith("mesh")
+    ]
     if steps:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        offered = [r["offered_rps"] for r in steps]
-        ax.plot(offered, [r["rps"] for r in steps], "o-", label="goodput (req/s)")
-        ax.plot(offered, offered, ":", color="grey", label="offered")
+        ax2 = ax.twinx()
+        for placement in dict.fromkeys(r.get("placement", "") for r in steps):
+            mine = sorted((r for r in steps if r.get("placement", "") == placement), key=lambda r: r["offered_rps"])
+            offered = [r["offered_rps"] for r in mine]
+            ax.plot(offered, [r["rps"] for r in mine], "o-", label=f"goodput, {placement} (req/s)")
+            ax2.plot(offered, [r["shed_rate"] * 100 for r in mine], "s--", label=f"shed rate, {placement} (%)")
+        top = max(r["offered_rps"] for r in steps)
+        ax.plot([0, top], [0, top], ":", color="grey", label="offered")
         ax.set_xlabel("offered load (req/s)")
         ax.set_ylabel("requests/s")
-        ax2 = ax.twinx()
-        ax2.plot(offered, [r["shed_rate"] * 100 for r in steps], "s--", color="tab:red", label="shed rate (%)")
         ax2.set_ylabel("shed rate (%)")
         ax2.set_ylim(0, 100)
         ax.set_title("Overload: throughput and shedding vs offered load")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -10,7 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from bench.targets import (
     BARE_CHAIN,
     BENCH_INPUT,
     LINK_CHAIN,
+    SHED_FLOOR,
     SINGLE_HOP,
     LocalTarget,
     mesh_env,
     start_hop,
     start_mesh_target,
+    start_shed_floor,
 )
 from orchestrator.core.graph import STAGES
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
@@ -177,36 +180,99 @@ async def scenario_model_bound(ctx: Context) -> None:
 OVERLOAD = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "5", "ORCH_INFERENCE_CONCURRENCY": "16"}
 
 
-async def scenario_overload(ctx: Context) -> None:
-    mesh = await start_mesh_target(ctx.run_dir / "overload", OVERLOAD)
+# Each overload step's factor of the measured capacity; the 4x step runs twice: memory that grows again the second
+# time is a leak, not a working set.
+OVERLOAD_FACTORS = (1, 2, 4, 4, 10)
+# The overload scenario runs on all cores, then with the mesh confined to one (a machine with half the CPU) and the
+# load generator on the other.
+PLACEMENTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {"all cores": ((), ()), "one core": ((0,), (1,))}
+
+
+@contextlib.contextmanager
+def _pinned(cores: tuple[int, ...]) -> Iterator[None]:
+    """This process (the load generator) on ``cores`` for a while; all of them when empty."""
+    before = os.sched_getaffinity(0)
+    if cores:
+        os.sched_setaffinity(0, set(cores) & set(range(os.cpu_count() or 1)) or before)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+async def _overload_steps(ctx: Context, placement: str) -> list[dict[str, Any]]:
+    mesh_cores, loadgen_cores = PLACEMENTS[placement]
+    mesh = await start_mesh_target(ctx.run_dir / f"overload-{len(ctx.runs)}", OVERLOAD, mesh_cores)
+    mesh.name = f"mesh, {placement}"
+    floor = await start_shed_floor(ctx.run_dir)
+    floor.name = f"{SHED_FLOOR}, {placement}"
+    steps: list[dict[str, Any]] = []
     rss_after: list[dict[str, dict[str, float]]] = []
     try:
-        # Capacity: a closed loop deep enough to keep every worker slot busy.
-        peak = await measure("overload", mesh, tokens=16, concurrency=128, duration_s=ctx.d(4), warmup_s=1)
-        ctx.runs.append(peak)
-        # The 4x step runs twice: memory that grows again the second time is a leak, not a working set.
-        for factor in (1, 2, 4, 4):
-            run = await measure("overload", mesh, tokens=16, rate=peak["rps"] * factor, duration_s=ctx.d(5), warmup_s=1)
-            run["load_factor"] = factor
-            ctx.runs.append(run)
-            # Let the queues drain between steps so each step starts from the same state.
-            await asyncio.sleep(2)
-            rss_after.append(rss(mesh))
+        with _pinned(loadgen_cores):
+            # Capacity: a closed loop deep enough to keep every worker slot busy.
+            peak = await measure("overload", mesh, tokens=16, concurrency=128, duration_s=ctx.d(4), warmup_s=1)
+            steps.append(peak)
+            for factor in OVERLOAD_FACTORS:
+                rate = peak["rps"] * factor
+                run = await measure("overload", mesh, tokens=16, rate=rate, duration_s=ctx.d(5), warmup_s=1)
+                steps.append(run | {"load_factor": factor})
+                # Let the queues drain between steps so each step starts from the same state.
+                await asyncio.sleep(2)
+                rss_after.append(rss(mesh))
+            for factor in sorted(set(OVERLOAD_FACTORS) - {1, 2}):  # the load generator's own floor at those rates
+                run = await measure(
+                    "overload", floor, tokens=16, rate=peak["rps"] * factor, duration_s=ctx.d(3), warmup_s=1
+                )
+                steps.append(run | {"load_factor": factor})
     finally:
+        await floor.close()
         await mesh.close()
-    first, second = rss_after[-2], rss_after[-1]
-    growth = max(second[s]["rss_mb"] - first[s]["rss_mb"] for s in first)
-    ctx.extra["overload_rss_mb"] = {"after_first_4x": first, "after_second_4x": second}
-    ctx.extra["overload_rss_growth_mb"] = round(growth, 1)
-    steps = [r for r in ctx.runs if r["scenario"] == "overload"]
-    at4 = next(r for r in steps if r.get("load_factor") == 4)
-    best = max(r["rps"] for r in steps)
-    ctx.target("overload_goodput", "goodput at 4x capacity / peak throughput", ratio(at4["rps"], best), 0.9, True)
-    ctx.target("overload_shed_p99", "shed reply p99 at 4x capacity (ms)", at4["shed_reply_ms"][99], 5.0, False)
+    for step in steps:
+        step["placement"] = placement
+    if placement == "all cores":
+        first, second = rss_after[-3], rss_after[-2]  # the two 4x steps
+        ctx.extra["overload_rss_mb"] = {"after_first_4x": first, "after_second_4x": second}
+        ctx.extra["overload_rss_growth_mb"] = round(max(second[s]["rss_mb"] - first[s]["rss_mb"] for s in first), 1)
+    return steps
+
+
+async def scenario_overload(ctx: Context) -> None:
+    """Open-loop overload at 1-10x the measured capacity, on all cores and on one: goodput, shed replies against the
+    load generator's own floor at the same rate, and how long admitted requests waited for slots."""
+    for placement in PLACEMENTS:
+        steps = await _overload_steps(ctx, placement)
+        ctx.runs += steps
+        mesh = [r for r in steps if r["target"].startswith("mesh")]
+        best = max(r["rps"] for r in mesh)
+        short = "" if placement == "all cores" else "_1core"
+        for factor in (4, 10):
+            at = next(r for r in mesh if r.get("load_factor") == factor)
+            floor = next(r for r in steps if r["target"].startswith(SHED_FLOOR) and r["load_factor"] == factor)
+            where = f"{factor}x capacity, {placement}"
+            ctx.target(
+                f"overload_goodput_{factor}x{short}", f"goodput at {where} / peak", ratio(at["rps"], best), 0.9, True
+            )
+            shed_p99, floor_p99 = at["shed_reply_ms"][99], floor["shed_reply_ms"][99]
+            ctx.target(f"overload_shed_p99_{factor}x{short}", f"shed reply p99 at {where} (ms)", shed_p99, 5.0, False)
+            ctx.target(
+                f"overload_shed_floor_{factor}x{short}",
+                f"shed reply p99 at {where} / the shed floor's at the same rate",
+                ratio(shed_p99, floor_p99),
+                3.0,
+                False,
+            )
+            ctx.target(
+                f"overload_queue_wait_{factor}x{short}",
+                f"queue wait p99 of admitted requests, all stages, at {where} (ms)",
+                at["queue_wait_ms"][99],
+                1000.0,
+                False,
+            )
     ctx.target(
         "overload_rss",
         "RSS growth of the largest stage from one 4x step to the next (MB)",
-        round(growth, 1),
+        ctx.extra["overload_rss_growth_mb"],
         5.0,
         False,
     )

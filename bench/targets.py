@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE_HOP = "single-hop floor"
 BARE_CHAIN = "bare chain floor"
 LINK_CHAIN = "link chain floor"
+SHED_FLOOR = "shed floor"
 
 # Long enough that the echo worker always has more tokens than any preset asks for.
 BENCH_INPUT = "How do bounded queues and load shedding keep streaming latency low under overload? " + " ".join(
@@ -114,13 +115,15 @@ def mesh_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def start_mesh_target(run_dir: Path, extra: dict[str, str]) -> MeshTarget:
-    mesh = await asyncio.to_thread(start_mesh, run_dir, env=mesh_env(extra), timeout_s=60)
+async def start_mesh_target(run_dir: Path, extra: dict[str, str], cores: Sequence[int] = ()) -> MeshTarget:
+    """The mesh, its stages on free ports; with ``cores``, every stage process confined to those CPUs."""
+    wrap = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
+    mesh = await asyncio.to_thread(start_mesh, run_dir, env=mesh_env(extra), timeout_s=60, wrap=wrap)
     return MeshTarget(mesh)
 
 
 async def _start_hop_process(
-    run_dir: Path, next_address: str | None, links: bool, loop: str
+    run_dir: Path, next_address: str | None, links: bool, loop: str, refuse: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
     argv = [sys.executable, "-m", "bench.hop", "--ready-file", str(ready), "--event-loop", loop]
@@ -128,6 +131,8 @@ async def _start_hop_process(
         argv += ["--next", next_address]
     if links:
         argv.append("--links")
+    if refuse:
+        argv.append("--shed")
     proc = await asyncio.to_thread(subprocess.Popen, argv, cwd=ROOT)
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -160,3 +165,11 @@ async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False
     assert address is not None
     name = SINGLE_HOP if processes == 1 else (LINK_CHAIN if stage_links else BARE_CHAIN)
     return HopTarget(name, procs, address)
+
+
+async def start_shed_floor(run_dir: Path) -> HopTarget:
+    """One process that refuses every request at once, as a shed: what a shed reply costs the load generator and
+    one hop, measured at the same offered rate as the mesh's."""
+    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
+    proc, address = await _start_hop_process(run_dir, None, False, loop, refuse=True)
+    return HopTarget(SHED_FLOOR, [proc], address)

@@ -105,6 +105,8 @@ class Mesh:
 
     run_dir: Path
     stages: dict[str, StageProcess] = field(default_factory=dict)
+    # A command every stage runs under (e.g. ``taskset -c 0``: the bench's one-core runs).
+    wrap: Sequence[str] = ()
 
     @property
     def entry(self) -> str:
@@ -115,7 +117,7 @@ class Mesh:
 
     def spawn(self, name: str, env: Mapping[str, str], config: str | None, log_to_files: bool) -> StageProcess:
         log_path = self.run_dir / f"{name}.log" if log_to_files else None
-        popen = spawn_stage(name, env, self.run_dir / f"{name}.ready", log_path, config)
+        popen = spawn_stage(name, env, self.run_dir / f"{name}.ready", log_path, config, self.wrap)
         proc = StageProcess(name, popen, "", log_path, dict(env), config)
         self.stages[name] = proc
         return proc
@@ -167,6 +169,7 @@ def start_mesh(
     env: Mapping[str, str] | None = None,
     log_to_files: bool = True,
     timeout_s: float = 30.0,
+    wrap: Sequence[str] = (),
 ) -> Mesh:
     """Start the stages in data-flow order (RAG first, the edge last).
 
@@ -176,7 +179,7 @@ def start_mesh(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if env is None else env)
-    mesh = Mesh(run_dir)
+    mesh = Mesh(run_dir, wrap=wrap)
     try:
         for name in STAGES:
             stage_env = dict(base_env)

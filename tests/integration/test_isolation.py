@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -193,3 +194,47 @@ async def test_liveness_stays_serving_while_a_stage_drains(stages: dict[str, Run
         assert await status(LIVENESS) == serving
         assert [c async for c in stream][-1].completion.usage.completion_tokens == 30  # the open stream finishes
         await draining
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["our-options", "grpc-defaults"])
+async def test_a_burst_of_calls_is_not_cancelled_by_grpcs_backlog(sized: bool) -> None:
+    """A server holding its calls, hit by 1,500 at once: with the backlog sized by server.max_pending_calls every
+    call reaches the handler; with gRPC's defaults some are cancelled before it, unanswered by any code of ours."""
+    from orchestrator.core.config import load_config
+    from orchestrator.runtime.server import new_server, server_options
+
+    cfg = load_config(env={})
+    server = new_server(server_options(cfg.server, cfg.network) if sized else ())
+    release = asyncio.Event()
+    entered = 0
+
+    async def hold(request: bytes, context: object) -> AsyncIterator[bytes]:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        yield b"done"
+
+    handler = grpc.unary_stream_rpc_method_handler(hold)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Hold", {"Hold": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    codes: list[grpc.StatusCode] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            async def one() -> None:
+                try:
+                    async for _ in channel.unary_stream("/t.Hold/Hold")(b"", timeout=30):
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+
+            calls = asyncio.gather(*(one() for _ in range(1500)))
+            await poll(lambda: entered + len(codes) == 1500, timeout_s=20)  # each held, or already cut
+            release.set()
+            await asyncio.wait_for(calls, 30)
+    finally:
+        await server.stop(0)
+    cancelled = codes.count(grpc.StatusCode.CANCELLED)
+    assert (cancelled == 0) if sized else (cancelled > 0), cancelled

@@ -27,12 +27,15 @@ MIN_RETRY_AFTER_S = 0.01
 MAX_RETRY_AFTER_S = 5.0
 _EWMA_WEIGHT = 0.1
 _now = time.perf_counter
-# When no request has found a free slot for STANDING_AFTER_S (every one queued or was shed), the queue is
-# standing: persistent overload, not a burst. A request may then wait only STANDING_SHARE of the bound: a burst
-# is absorbed by the queue, a persistent overload is shed instead of queued, so what is admitted is served
-# promptly (the rule of CoDel and of adaptive LIFO queues). The first request admitted at once ends it.
+# Arrivals that find no free slot for longer than STANDING_AFTER_S, with no CALM_S pause between them, are
+# persistent overload, not a burst: the queue is standing. Where the limit adapts (the edge), a request is then
+# not queued at all: one that finds no free slot is shed at once. A burst is absorbed by the queue; a persistent
+# overload is shed at once instead of queued, so what is admitted is served promptly and what is not is told so
+# without waiting (the rule of CoDel and of adaptive LIFO queues). A calm second (every arrival found a free
+# slot) ends it. The stages below an adaptive edge keep their queues: the few requests the edge lets in beyond
+# what they serve at once wait there briefly, which keeps them busy, and that wait is the edge's signal.
 STANDING_AFTER_S = 0.1
-STANDING_SHARE = 0.05
+CALM_S = 1.0
 
 
 @dataclass
@@ -48,8 +51,9 @@ class Limiter:
     Each finished request reports how long it waited in the queues of the stages below (the per-stage timings
     every answer carries); a shed below counts as a long wait. Every ``window_s`` with enough samples, the
     median wait is compared with ``target_s``: above it the limit shrinks at once by the gradient
-    ``target / wait`` (at most halving), at or below it the limit grows by ``smoothing`` times its square root
-    while the stage uses at least half of it: quick to protect, slow to probe. The limit stays within
+    ``target / wait`` (at most halving); at or below it, while the stage uses at least half of its limit, the
+    limit grows, by a fifth when next to nothing waits below (under a quarter of the target), else by
+    ``smoothing`` times its square root: quick to protect, gentle near the target. The limit stays within
     ``[min_limit, max_limit]``. Queueing, not latency,
     because a request's latency says as much about its length (tokens, model speed) as about congestion, while
     time spent waiting for a slot below is congestion alone; and a CPU-bound closed loop, where nothing waits
@@ -88,10 +92,12 @@ class Limiter:
         self._window_start = now
         if waited > self.target_s:
             new = self.limit * max(0.5, self.target_s / waited)  # at once: the queues below are growing
-        elif in_use >= self.limit / 2:
-            new = self.limit + self.smoothing * math.sqrt(self.limit)  # gently: probing for more
-        else:
+        elif in_use < self.limit / 2:
             return False  # not using what it has: no reason to grow
+        elif waited <= self.target_s / 4:
+            new = self.limit * 1.2  # nothing waits below: grow fast, back to what bursts need
+        else:
+            new = self.limit + self.smoothing * math.sqrt(self.limit)  # near the target: probe gently
         self.limit = min(float(self.max_limit), max(float(self.min_limit), new))
         return True
 
@@ -153,7 +159,8 @@ class Admission:
         # Each waiter's future is set True when it is handed a slot, False when it waited too long.
         self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._mean_hold_s = 0.0
-        self._queued_since: float | None = None  # since when no request found a free slot
+        self._congested_since = -math.inf  # since when arrivals find no free slot, without a calm pause
+        self._last_congested = -math.inf  # when an arrival last found no free slot
 
     @property
     def concurrency(self) -> int:
@@ -180,25 +187,32 @@ class Admission:
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
     def wait_bound_s(self) -> float:
-        """The longest a request queued now may wait: ``max_queue_wait_s`` while the queue absorbs a burst, a
-        small share of it once the queue has stood non-empty for ``STANDING_AFTER_S`` (persistent overload)."""
-        since = self._queued_since
-        if since is not None and _now() - since > STANDING_AFTER_S:
-            return self.max_queue_wait_s * STANDING_SHARE
-        return self.max_queue_wait_s
+        """The longest a request queued now may wait: ``max_queue_wait_s`` while the queue absorbs a burst, none at
+        all under persistent overload (see ``STANDING_AFTER_S``)."""
+        now = _now()
+        standing = now - self._last_congested < CALM_S and now - self._congested_since > STANDING_AFTER_S
+        return 0.0 if standing and self.limiter is not None else self.max_queue_wait_s
+
+    def _congested(self) -> None:
+        """An arrival found no free slot."""
+        now = _now()
+        if now - self._last_congested >= CALM_S:
+            self._congested_since = now
+        self._last_congested = now
 
     def check(self, deadline_s: float | None = None) -> None:
         """Raise ``Overloaded`` if a request arriving now would be shed; admit nothing. Synchronous and cheap, so
         a shed is decided before the request costs anything else."""
         if self._active < self.concurrency and not self._waiters:
             return
+        self._congested()
         if len(self._waiters) >= self.capacity:
             waiting = f"{self.capacity} requests already waiting for {self.concurrency} slots"
             raise self._overloaded("queue_full", waiting)
         limit = self.wait_bound_s()
         bound = limit if deadline_s is None else min(limit, deadline_s)
         expected = self.expected_wait_s()
-        if expected > bound:
+        if expected > bound or bound <= 0:
             why = "its deadline" if deadline_s is not None and deadline_s < limit else "the bound"
             raise self._overloaded("expected_wait", f"a request would wait ~{expected * 1000:.0f} ms, over {why}")
 
@@ -208,10 +222,7 @@ class Admission:
             self._active += 1
             self.stats.admitted += 1
             self._telemetry.record_queue_depth(self.stage, 0)
-            self._queued_since = None
             return Slot(self, 0.0)
-        if self._queued_since is None:
-            self._queued_since = _now()
         self.check(deadline_s)
         bound = self.wait_bound_s()
         loop = asyncio.get_running_loop()
