@@ -27,6 +27,7 @@ from bench.targets import (
     SINGLE_HOP,
     LocalTarget,
     mesh_env,
+    mesh_running,
     start_hop,
     start_mesh_target,
     start_shed_floor,
@@ -162,11 +163,8 @@ MODEL_BOUND = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20", "ORCH_INFERENC
 async def scenario_model_bound(ctx: Context) -> None:
     local = LocalTarget(mesh_env(MODEL_BOUND))
     ctx.runs.append(await measure("model-bound", local, tokens=32, concurrency=64, duration_s=ctx.d(6), warmup_s=2))
-    mesh = await start_mesh_target(ctx.run_dir / "model-bound", MODEL_BOUND)
-    try:
+    async with mesh_running(ctx.run_dir / "model-bound", MODEL_BOUND) as mesh:
         ctx.runs.append(await measure("model-bound", mesh, tokens=32, concurrency=64, duration_s=ctx.d(6), warmup_s=2))
-    finally:
-        await mesh.close()
     by = {r["target"]: r for r in ctx.runs if r["scenario"] == "model-bound"}
     ctx.target(
         "model_bound",
@@ -331,12 +329,8 @@ async def scenario_tracing(ctx: Context) -> None:
             env = dict(otel)
             if otel:
                 env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-            mesh = await start_mesh_target(ctx.run_dir / f"tracing-{len(rps)}", env)
-            mesh.name = f"mesh, tracing {label}"
-            try:
+            async with mesh_running(ctx.run_dir / f"tracing-{len(rps)}", env, f"mesh, tracing {label}") as mesh:
                 run = await measure("tracing", mesh, tokens=16, concurrency=16, duration_s=ctx.d(5), warmup_s=1)
-            finally:
-                await mesh.close()
             ctx.runs.append(run)
             rps[label] = run["rps"]
         ctx.extra["tracing"] = {
@@ -353,12 +347,9 @@ async def scenario_coalescing(ctx: Context) -> None:
     """What coalescing buys: the token relay (N=128, C=64) at 1, 8 and 32 tokens per message."""
     gains: dict[int, float] = {}
     for k in (1, 8, 32):
-        mesh = await start_mesh_target(ctx.run_dir / f"coalesce-{k}", {"ORCH_INFERENCE_COALESCE_TOKENS": str(k)})
-        mesh.name = f"mesh, {k} tokens/message"
-        try:
+        env = {"ORCH_INFERENCE_COALESCE_TOKENS": str(k)}
+        async with mesh_running(ctx.run_dir / f"coalesce-{k}", env, f"mesh, {k} tokens/message") as mesh:
             run = await measure("coalescing", mesh, tokens=128, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
-        finally:
-            await mesh.close()
         ctx.runs.append(run)
         gains[k] = run["tokens_per_s"]
     ctx.extra["coalescing_tokens_per_s"] = gains
@@ -368,15 +359,12 @@ async def scenario_transport(ctx: Context) -> None:
     """What stage links buy: the same mesh with one gRPC call per request per hop instead."""
     rps: dict[str, dict[int, float]] = {}
     for links in ("true", "false"):
-        mesh = await start_mesh_target(ctx.run_dir / f"links-{links}", {"ORCH_SERVER_STAGE_LINKS": links})
-        mesh.name = "mesh, stage links" if links == "true" else "mesh, a call per request per hop"
-        try:
+        name = "mesh, stage links" if links == "true" else "mesh, a call per request per hop"
+        async with mesh_running(ctx.run_dir / f"links-{links}", {"ORCH_SERVER_STAGE_LINKS": links}, name) as mesh:
             for tokens in (1, 128):
                 run = await measure("transport", mesh, tokens=tokens, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
                 ctx.runs.append(run)
-                rps.setdefault(mesh.name, {})[tokens] = run["rps"]
-        finally:
-            await mesh.close()
+                rps.setdefault(name, {})[tokens] = run["rps"]
     links_rps, calls_rps = rps["mesh, stage links"], rps["mesh, a call per request per hop"]
     ctx.extra["transport"] = {
         "rps": rps,

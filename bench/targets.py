@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -120,6 +121,20 @@ async def start_mesh_target(run_dir: Path, extra: dict[str, str], cores: Sequenc
     wrap = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
     mesh = await asyncio.to_thread(start_mesh, run_dir, env=mesh_env(extra), timeout_s=60, wrap=wrap)
     return MeshTarget(mesh)
+
+
+@contextlib.asynccontextmanager
+async def mesh_running(
+    run_dir: Path, extra: dict[str, str], name: str | None = None, cores: Sequence[int] = ()
+) -> AsyncIterator[MeshTarget]:
+    """``start_mesh_target`` for the length of a block, named ``name`` in the results; closed however it ends."""
+    mesh = await start_mesh_target(run_dir, extra, cores)
+    if name is not None:
+        mesh.name = name
+    try:
+        yield mesh
+    finally:
+        await mesh.close()
 
 
 async def _start_hop_process(
