@@ -189,9 +189,11 @@ class Admission:
     def wait_bound_s(self) -> float:
         """The longest a request queued now may wait: ``max_queue_wait_s`` while the queue absorbs a burst, none at
         all under persistent overload (see ``STANDING_AFTER_S``)."""
+        if self.limiter is None:
+            return self.max_queue_wait_s
         now = _now()
         standing = now - self._last_congested < CALM_S and now - self._congested_since > STANDING_AFTER_S
-        return 0.0 if standing and self.limiter is not None else self.max_queue_wait_s
+        return 0.0 if standing else self.max_queue_wait_s
 
     def _congested(self) -> None:
         """An arrival found no free slot."""
@@ -200,11 +202,12 @@ class Admission:
             self._congested_since = now
         self._last_congested = now
 
-    def check(self, deadline_s: float | None = None) -> None:
+    def check(self, deadline_s: float | None = None) -> float:
         """Raise ``Overloaded`` if a request arriving now would be shed; admit nothing. Synchronous and cheap, so
-        a shed is decided before the request costs anything else."""
+        a shed is decided before the request costs anything else. Returns how long the request may wait in the
+        queue (``wait_bound_s``; 0 when a slot is free)."""
         if self._active < self.concurrency and not self._waiters:
-            return
+            return 0.0
         self._congested()
         if len(self._waiters) >= self.capacity:
             waiting = f"{self.capacity} requests already waiting for {self.concurrency} slots"
@@ -215,6 +218,7 @@ class Admission:
         if expected > bound or bound <= 0:
             why = "its deadline" if deadline_s is not None and deadline_s < limit else "the bound"
             raise self._overloaded("expected_wait", f"a request would wait ~{expected * 1000:.0f} ms, over {why}")
+        return limit
 
     async def acquire(self, deadline_s: float | None = None) -> Slot:
         """A slot, now or after waiting in the queue; ``deadline_s``: the time the caller has left."""
@@ -223,8 +227,7 @@ class Admission:
             self.stats.admitted += 1
             self._telemetry.record_queue_depth(self.stage, 0)
             return Slot(self, 0.0)
-        self.check(deadline_s)
-        bound = self.wait_bound_s()
+        bound = self.check(deadline_s)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)

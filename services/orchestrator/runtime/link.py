@@ -528,7 +528,10 @@ class _Link(Generic[T]):
             for call in calls:
                 call._reissue()
         else:
-            moved = [c for c in calls if move and not c.received and not c.moved]
+            moved: list[LinkCall[T]] = []
+            ended: list[LinkCall[T]] = []
+            for call in calls:
+                (moved if move and not call.received and not call.moved else ended).append(call)
             if calls:
                 self._telemetry.record_link_loss(self.callee)
                 log.warning(
@@ -538,9 +541,8 @@ class _Link(Generic[T]):
                     len(moved),
                     reason,
                 )
-            for call in calls:
-                if call not in moved:
-                    call._end((grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost", b""))
+            for call in ended:
+                call._end((grpc.StatusCode.UNAVAILABLE, f"link to the {self.callee} stage lost", b""))
             if moved:
                 self._on_lost(moved)
         self._outbox.close()
