@@ -93,3 +93,12 @@ def test_settled_collector_freezes_start_up_objects_and_makes_full_collections_r
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_input_text_goes_on_a_span_only_at_the_edge_and_only_when_asked() -> None:
+    from orchestrator.core.telemetry import Telemetry
+    from orchestrator.stages import runtime_of
+
+    off, on = load_config(env={}), load_config(env={"ORCH_SERVER_TRACE_TEXT": "true"})
+    assert [runtime_of(s, off, Telemetry()).record_input for s in ("stream", "post")] == [False, False]
+    assert [runtime_of(s, on, Telemetry()).record_input for s in ("stream", "post")] == [True, False]

@@ -166,14 +166,12 @@ class Telemetry:
         tracer_provider: trace.TracerProvider | None = None,
         metrics: Metrics | None = None,
         *,
-        record_text: bool = False,
         shutdown_hooks: Sequence[Any] = (),
     ) -> None:
         self.tracing = tracer_provider is not None
         self.tracer_provider = tracer_provider
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("prompt-orchestrator")
         self.metrics = metrics or Metrics()
-        self.record_text = record_text
         self._propagator = get_global_textmap()
         self._shutdown_hooks = list(shutdown_hooks)
 
@@ -321,7 +319,7 @@ def _env_true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def build_telemetry(service_name: str, env: Mapping[str, str] | None = None, *, record_text: bool = False) -> Telemetry:
+def build_telemetry(service_name: str, env: Mapping[str, str] | None = None) -> Telemetry:
     """Build the process's telemetry from the standard ``OTEL_*`` variables.
 
     Tracing is on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set
@@ -332,12 +330,12 @@ def build_telemetry(service_name: str, env: Mapping[str, str] | None = None, *, 
     """
     env = os.environ if env is None else env
     if _env_true(env.get("OTEL_SDK_DISABLED")):
-        return Telemetry(record_text=record_text)
+        return Telemetry()
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     traces_on = bool(endpoint) and env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
     metrics_on = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "otlp"
     if not traces_on and not metrics_on:
-        return Telemetry(record_text=record_text)
+        return Telemetry()
 
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
@@ -367,4 +365,4 @@ def build_telemetry(service_name: str, env: Mapping[str, str] | None = None, *, 
         meter = meter_provider.get_meter("prompt-orchestrator")
         hooks.append(meter_provider.shutdown)
     log.info("telemetry: traces %s, OTLP metrics %s", "on" if traces_on else "off", "on" if metrics_on else "off")
-    return Telemetry(provider, Metrics(meter=meter), record_text=record_text, shutdown_hooks=hooks)
+    return Telemetry(provider, Metrics(meter=meter), shutdown_hooks=hooks)

@@ -307,7 +307,7 @@ async def serve(
 ) -> None:
     """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
     stage_cfg = cfg.stage(name)
-    app = build(cfg, build_telemetry(name, record_text=cfg.server.trace_text))
+    app = build(cfg, build_telemetry(name))
     running = await start_stage(app, stage_cfg.host, stage_cfg.port)
     if stage_cfg.metrics_port >= 0:
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
