@@ -200,8 +200,9 @@ async def test_liveness_stays_serving_while_a_stage_drains(stages: dict[str, Run
 async def test_a_burst_of_calls_is_not_cancelled_by_grpcs_backlog(sized: bool) -> None:
     """A server holding its calls, hit by 1,500 at once: with the backlog sized by server.max_pending_calls every
     call reaches the handler; with gRPC's defaults some are cancelled before it, unanswered by any code of ours."""
+    from orchestrator.core.calls import server_options
     from orchestrator.core.config import load_config
-    from orchestrator.runtime.server import new_server, server_options
+    from orchestrator.runtime.server import new_server
 
     cfg = load_config(env={})
     server = new_server(server_options(cfg.server, cfg.network) if sized else ())

@@ -19,8 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from orchestrator.core.calls import keepalive, message_limits, ping_policy
-from orchestrator.core.config import ConfigError, MeshConfig, NetworkConfig, ServerConfig, load_config
+from orchestrator.core.config import ConfigError, MeshConfig, load_config
 from orchestrator.core.errors import WireStatus
 from orchestrator.core.telemetry import Telemetry, build_telemetry
 from orchestrator.runtime.downstream import Downstream
@@ -194,26 +193,6 @@ class RunningStage:
         server, _ = start_http_server(port, addr=host, registry=self.app.runtime.telemetry.metrics.registry)
         self._metrics_server = server
         self.metrics_address = f"{host}:{server.server_port}"
-
-
-def server_options(server: ServerConfig, network: NetworkConfig) -> tuple[tuple[str, Any], ...]:
-    """A process's gRPC server options, from config: message limits, keepalive pings to its clients (to notice
-    one that vanished), the ping rate it permits its callers, and the backlog of calls not yet picked up.
-
-    gRPC holds calls that arrive faster than the process picks them up in a backlog; past
-    ``grpc.server.max_pending_requests`` (1000 by default) it cancels a growing share of them at random
-    (CANCELLED, no trailers, before any of our code runs: uncounted, unattributed). Measured on a bare
-    grpc.aio server holding its calls: 5 of a burst of 1,100 and 730 of 3,000 cancelled so. With the backlog
-    sized by ``server.max_pending_calls`` every call of such a burst reaches the stage, whose admission
-    answers it (admitted, or shed with its status).
-    """
-    return (
-        *message_limits(server),
-        *keepalive(network),
-        *ping_policy(network),
-        ("grpc.server.max_pending_requests", server.max_pending_calls),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * server.max_pending_calls),
-    )
 
 
 def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:

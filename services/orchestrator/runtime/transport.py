@@ -83,6 +83,8 @@ def connect(callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) 
 
 def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[Any]:
     """The calls ``caller`` makes to its callee's replicas, as configured."""
+    if caller not in CALLEE:
+        raise ValueError(f"the {caller} stage calls no other stage")
     callee = stage(CALLEE[caller])
     addresses: Sequence[str] = cfg.stage(callee.name).addresses()
     transports = {addr: connect(callee, addr, cfg, telemetry) for addr in addresses}

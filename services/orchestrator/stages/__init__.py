@@ -1,6 +1,6 @@
 """The stage services: each stage module is a thin servicer over its pipeline logic, a ``build`` and ``main``.
 
-What every stage's ``build`` shares is here: its runtime, its calls to the next stage and the services it
+What every stage's ``build`` shares is here: its runtime and the services it
 serves (its own RPC, and the same handler over stage links), all read from the stage graph.
 """
 
@@ -12,16 +12,15 @@ from typing import Any
 
 import grpc
 
-from orchestrator.core.calls import Handler
+from orchestrator.core.calls import Handler, server_options
 from orchestrator.core.config import MeshConfig
-from orchestrator.core.graph import CALLEE, EDGE, Stage, stage
+from orchestrator.core.graph import EDGE, Stage, stage
 from orchestrator.core.requests import decode_request
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import link_service
-from orchestrator.runtime.server import Service, StageApp, server_options
+from orchestrator.runtime.server import Service, StageApp
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.runtime.transport import downstream_of
 
 
 def module(name: str) -> ModuleType:
@@ -33,13 +32,6 @@ def runtime_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime
     """The stage's runtime: its admission from config, its span name from the graph."""
     record_input = name == EDGE and cfg.server.trace_text
     return StageRuntime.for_stage(name, cfg, telemetry, stage(name).rpc, record_input=record_input)
-
-
-def callee_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstream[Any]:
-    """The stage's calls to the one it calls, over the configured transport."""
-    if name not in CALLEE:
-        raise ValueError(f"the {name} stage calls no other stage")
-    return downstream_of(name, cfg, telemetry)
 
 
 def rpc_service(spec: Stage, handler: Handler) -> Service:

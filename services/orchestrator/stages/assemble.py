@@ -13,7 +13,8 @@ from orchestrator.pipeline import assemble
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.stages import app_of, callee_of, runtime_of
+from orchestrator.runtime.transport import downstream_of
+from orchestrator.stages import app_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "assemble"
@@ -35,7 +36,7 @@ class AssembleServicer(stages_pb2_grpc.AssembleServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
-    rag = callee_of(NAME, cfg, telemetry)
+    rag = downstream_of(NAME, cfg, telemetry)
     c = cfg.assemble
     return app_of(NAME, cfg, runtime, AssembleServicer(runtime, rag, c.max_prompt_chars, c.prompt_template), rag)
 

@@ -15,7 +15,8 @@ from orchestrator.pipeline import inference
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.stages import app_of, callee_of, runtime_of
+from orchestrator.runtime.transport import downstream_of
+from orchestrator.stages import app_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator.workers.base import ModelWorker
 from orchestrator.workers.registry import build_worker
@@ -92,7 +93,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     stats = WorkerStats()
     # The worker's concurrency limit is the stage's: a slot is a generation.
     runtime = runtime_of(NAME, cfg, telemetry)
-    assemble = callee_of(NAME, cfg, telemetry)
+    assemble = downstream_of(NAME, cfg, telemetry)
     app: StageApp
 
     def new_worker(config: MeshConfig) -> ModelWorker:

@@ -13,7 +13,8 @@ from orchestrator.pipeline import post
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.stages import app_of, callee_of, runtime_of
+from orchestrator.runtime.transport import downstream_of
+from orchestrator.stages import app_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "post"
@@ -33,7 +34,7 @@ class PostServicer(stages_pb2_grpc.PostServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
-    inference = callee_of(NAME, cfg, telemetry)
+    inference = downstream_of(NAME, cfg, telemetry)
     return app_of(NAME, cfg, runtime, PostServicer(runtime, inference), inference)
 
 

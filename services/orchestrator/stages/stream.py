@@ -13,7 +13,8 @@ from orchestrator.pipeline import stream
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
-from orchestrator.stages import app_of, callee_of, runtime_of
+from orchestrator.runtime.transport import downstream_of
+from orchestrator.stages import app_of, runtime_of
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 NAME = "stream"
@@ -40,7 +41,7 @@ class StreamServicer(stages_pb2_grpc.StreamServiceServicer):
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
-    post = callee_of(NAME, cfg, telemetry)
+    post = downstream_of(NAME, cfg, telemetry)
     sinks: list[stream.OutputSink] = [stream.LogSink()] if cfg.stream.log_sink else []
     return app_of(NAME, cfg, runtime, StreamServicer(runtime, post, sinks), post)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2
 
-from orchestrator.core.calls import channel_options
+from orchestrator.core.calls import channel_options, server_options
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.errors import OrchestratorError, to_status
 from orchestrator.runtime.server import (
@@ -20,7 +20,6 @@ from orchestrator.runtime.server import (
     load_config_or_report,
     new_server,
     run_loop,
-    server_options,
     settle_gc,
     wait_for_stop_signal,
     write_ready_file,
