@@ -30,18 +30,40 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# The settings every stage has, each overridden per stage with its own default.
+def _port(default: int) -> Any:
+    return _f(default, "port the stage binds (0 picks a free one)")
+
+
+def _metrics_port(default: int) -> Any:
+    return _f(default, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
+
+
+def _queue_capacity(default: int) -> Any:
+    return _f(default, "requests that may wait for a slot; one more is shed")
+
+
+def _adaptive_limit(default: bool) -> Any:
+    return _f(default, "the concurrency limit follows the queueing measured below (at most concurrency)")
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    """The environment variable that overrides the setting at ``path``."""
+    return "_".join((ENV_PREFIX, *path)).upper()
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """Settings every stage has."""
 
     host: str = _f("127.0.0.1", "interface the stage binds")
-    port: int = _f(0, "port the stage binds (0 picks a free one)")
+    port: int = _port(0)
     replicas: tuple[str, ...] = _f((), "host:port of each replica other stages call (default: host:port)")
-    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(64, "requests processed at once")
-    metrics_port: int = _f(-1, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
+    metrics_port: int = _metrics_port(-1)
     max_queue_wait_ms: float = _f(1000.0, "longest a request waits for a slot; one that would wait longer is shed")
-    adaptive_limit: bool = _f(False, "the concurrency limit follows the queueing measured below (at most concurrency)")
+    adaptive_limit: bool = _adaptive_limit(False)
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -71,9 +93,9 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class RagConfig(StageConfig):
-    port: int = _f(50051, "port the stage binds (0 picks a free one)")
-    metrics_port: int = _f(9101, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
-    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    port: int = _port(50051)
+    metrics_port: int = _metrics_port(9101)
+    queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(32, "requests processed at once")
     top_k: int = _f(3, "documents retrieved per request")
     documents: str = _f("", "JSON Lines corpus (id, title, text); empty: the bundled one")
@@ -92,9 +114,9 @@ class RagConfig(StageConfig):
 
 @dataclass(frozen=True)
 class AssembleConfig(StageConfig):
-    port: int = _f(50052, "port the stage binds (0 picks a free one)")
-    metrics_port: int = _f(9102, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
-    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    port: int = _port(50052)
+    metrics_port: int = _metrics_port(9102)
+    queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(64, "requests processed at once")
     max_prompt_chars: int = _f(20000, "longest prompt; context documents are dropped to fit")
     prompt_template: str = _f(
@@ -163,9 +185,9 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig(StageConfig):
-    port: int = _f(50053, "port the stage binds (0 picks a free one)")
-    metrics_port: int = _f(9103, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
-    queue_capacity: int = _f(1024, "requests that may wait for a slot; one more is shed")
+    port: int = _port(50053)
+    metrics_port: int = _metrics_port(9103)
+    queue_capacity: int = _queue_capacity(1024)
     concurrency: int = _f(64, "generations at once: the model worker's concurrency limit")
     coalesce_tokens: int = _f(8, "send a message once this many tokens wait (1: never wait for more)")
     coalesce_ms: float = _f(5.0, "or once the oldest waiting token is this old")
@@ -195,19 +217,19 @@ class InferenceConfig(StageConfig):
 
 @dataclass(frozen=True)
 class PostConfig(StageConfig):
-    port: int = _f(50054, "port the stage binds (0 picks a free one)")
-    metrics_port: int = _f(9104, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
-    queue_capacity: int = _f(512, "requests that may wait for a slot; one more is shed")
+    port: int = _port(50054)
+    metrics_port: int = _metrics_port(9104)
+    queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(1024, "streams relayed at once")
 
 
 @dataclass(frozen=True)
 class StreamConfig(StageConfig):
-    port: int = _f(50055, "port the stage binds (0 picks a free one)")
-    metrics_port: int = _f(9105, "Prometheus /metrics port (0 picks a free one, -1 turns it off)")
-    queue_capacity: int = _f(256, "requests that may wait for a slot; one more is shed")
+    port: int = _port(50055)
+    metrics_port: int = _metrics_port(9105)
+    queue_capacity: int = _queue_capacity(256)
     concurrency: int = _f(1024, "client streams served at most at once")
-    adaptive_limit: bool = _f(True, "the concurrency limit follows the queueing measured below (at most concurrency)")
+    adaptive_limit: bool = _adaptive_limit(True)
     log_sink: bool = _f(False, "also log each completion as 'session: text' (user data: off by default)")
 
 
@@ -356,7 +378,7 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return "_".join((ENV_PREFIX, *self.path)).upper()
+        return _env_name(self.path)
 
     @property
     def key(self) -> str:
@@ -467,7 +489,7 @@ def _build(
                 sub = {}
             kwargs[name] = _build(tp, sub, env, sub_path, source, problems)
             continue
-        env_name = "_".join((ENV_PREFIX, *sub_path)).upper()
+        env_name = _env_name(sub_path)
         if env_name in env:
             value = _coerce(env[env_name], tp, env_name, problems)
         elif name in data:
