@@ -21,12 +21,13 @@ from typing import Any
 
 import grpc
 
+from orchestrator.core.graph import EDGE, stage
 from orchestrator.runtime.link import LinkClient, link_service
 from orchestrator.runtime.server import run_loop, wait_for_stop_signal, write_ready_file
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 TOKEN = " tok"
-SERVICE = "orchestrator.v1.StreamService"
+SERVICE = stage(EDGE).full_service
 SUBMIT = f"/{SERVICE}/Submit"
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import grpc
 
 from orchestrator.core.config import load_config
 from orchestrator.core.graph import STAGES
-from orchestrator.launcher import Mesh, start_mesh
+from orchestrator.launcher import LaunchError, Mesh, start_mesh, wait_ready_file
 from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import types_pb2
 from orchestrator_client import AsyncOrchestratorClient, build_request
@@ -137,11 +135,16 @@ async def mesh_running(
         await mesh.close()
 
 
+def _event_loop() -> str:
+    """The event loop the stages run on: floors run on it too, so a ratio compares like with like."""
+    return "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
+
+
 async def _start_hop_process(
-    run_dir: Path, next_address: str | None, links: bool, loop: str, refuse: bool = False
+    run_dir: Path, next_address: str | None, links: bool, refuse: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
     ready = Path(tempfile.mkdtemp(dir=run_dir)) / "hop.ready"
-    argv = [sys.executable, "-m", "bench.hop", "--ready-file", str(ready), "--event-loop", loop]
+    argv = [sys.executable, "-m", "bench.hop", "--ready-file", str(ready), "--event-loop", _event_loop()]
     if next_address:
         argv += ["--next", next_address]
     if links:
@@ -149,13 +152,11 @@ async def _start_hop_process(
     if refuse:
         argv.append("--shed")
     proc = await asyncio.to_thread(subprocess.Popen, argv, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("a floor server did not start")
-        await asyncio.sleep(0.02)
-    address = json.loads(ready.read_text())["address"]
+    try:
+        address = (await asyncio.to_thread(wait_ready_file, "floor", proc, ready, None, 30))["address"]
+    except LaunchError:
+        proc.kill()
+        raise
     # The hop server has no health service: a channel that connects is enough.
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -165,13 +166,11 @@ async def _start_hop_process(
 async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False) -> HopTarget:
     """The single-hop floor (one process), or a chain of ``processes`` relaying to the last one: the bare chain
     floor (a gRPC call per request per hop) or, with ``stage_links``, the link chain floor."""
-    # Floors run on the same event loop as the stages, so a ratio compares like with like.
-    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
     procs: list[subprocess.Popen[bytes]] = []
     address: str | None = None
     try:
         for _ in range(processes):
-            proc, address = await _start_hop_process(run_dir, address, stage_links, loop)
+            proc, address = await _start_hop_process(run_dir, address, stage_links)
             procs.append(proc)
     except BaseException:
         for proc in procs:
@@ -185,6 +184,5 @@ async def start_hop(run_dir: Path, processes: int = 1, stage_links: bool = False
 async def start_shed_floor(run_dir: Path) -> HopTarget:
     """One process that refuses every request at once, as a shed: what a shed reply costs the load generator and
     one hop, measured at the same offered rate as the mesh's."""
-    loop = "uvloop" if load_config(env=mesh_env({})).server.uvloop else "asyncio"
-    proc, address = await _start_hop_process(run_dir, None, False, loop, refuse=True)
+    proc, address = await _start_hop_process(run_dir, None, False, refuse=True)
     return HopTarget(SHED_FLOOR, [proc], address)
