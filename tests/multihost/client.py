@@ -131,17 +131,29 @@ async def lossy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def watch(spec: dict[str, Any]) -> dict[str, Any]:
-    """Poll a stage's status until its worker generates nothing: when (monotonic clock, shared by every process
-    on the machine) and how the stage counted its requests."""
+    """Poll a stage's status until its worker generates nothing and it has counted ``cancelled`` calls as
+    cancelled: when the worker went idle (monotonic clock, shared by every process on the machine) and how the
+    stage counted its requests. A call's outcome is counted as its handler unwinds, just after the worker stops,
+    so the two are waited for separately."""
     async with grpc.aio.insecure_channel(spec["address"]) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         deadline = time.monotonic() + spec["timeout_s"]
+        idle_at = None
         while True:
             status = await admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=2)
-            if status.worker.active == 0 or time.monotonic() > deadline:
+            if idle_at is None and status.worker.active == 0:
+                idle_at = time.monotonic()
+            counted = status.counters.cancelled >= spec.get("cancelled", 0)
+            if (idle_at is not None and counted) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        return {"idle_at": time.monotonic(), "active": status.worker.active, "cancelled": status.counters.cancelled}
+        return {
+            "idle_at": idle_at if idle_at is not None else time.monotonic(),
+            "active": status.worker.active,
+            "cancelled": status.counters.cancelled,
+            "failed": status.counters.failed,
+            "ok": status.counters.ok,
+        }
 
 
 SCENARIOS = {"partition": partition, "hold": hold, "lossy": lossy, "watch": watch}

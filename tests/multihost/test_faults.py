@@ -97,7 +97,9 @@ def test_a_vanished_client_is_noticed_and_its_generation_stops(
     assert json.loads(line) == {"under_way": True}, (network.run_dir / "holder.log").read_text()[-3000:]
     mesh["client"].partition()  # the client vanishes: no FIN, no reset
     vanished = time.monotonic()
-    seen = drive(mesh["edge_host"], {"scenario": "watch", "address": mesh["replicas"][0], "timeout_s": 15})
+    seen = drive(
+        mesh["edge_host"], {"scenario": "watch", "address": mesh["replicas"][0], "cancelled": n, "timeout_s": 15}
+    )
     assert seen["active"] == 0, seen
     assert seen["idle_at"] - vanished <= 5.0, seen  # noticed and cancelled in every stage within 5 s
     assert seen["cancelled"] >= n, seen
