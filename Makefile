@@ -79,8 +79,13 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The suite, then the tests of the client-facing paths again with TLS at the edge and mutual TLS between stages.
+TLS_SUITE = tests/e2e/test_mesh.py tests/e2e/test_failures.py tests/e2e/test_backends.py tests/e2e/test_metrics.py \
+	tests/e2e/test_tracing.py tests/e2e/test_peers.py
+
 test: $(STAMP) $(NODE_STAMP) $(LLAMA_STAMP) check-protos buf-lint lint
 	$(BIN)/pytest
+	$(BIN)/pytest --tls $(TLS_SUITE)
 
 # Unit and in-process tests: no subprocess meshes, no peers, no llama.cpp build.
 test-quick: $(STAMP)

@@ -17,6 +17,50 @@ SUBMIT_SERVICE = stages_pb2.DESCRIPTOR.services_by_name["StreamService"].full_na
 SUBMIT_RPC = f"{SUBMIT_SERVICE}/Submit"
 
 
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """Credentials to reach a mesh over TLS: ``ca_file`` is the CA that signed the edge's certificate (None: the
+    system's roots); ``cert_file`` and ``key_file`` are this client's own, for an edge that asks clients for one
+    (mutual TLS)."""
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file), private_key=read(key_file), certificate_chain=read(cert_file)
+    )
+
+
+def _auth_metadata(
+    target: str, credentials: grpc.ChannelCredentials | None, token: str | None
+) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries (the API key); a key is never sent in clear off this machine."""
+    if token is None:
+        return ()
+    if credentials is None and not _loopback(target):
+        raise ValueError(f"refusing to send an API key to {target} without TLS: pass credentials=tls_credentials()")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _loopback(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _open_channel(
+    module: Any, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> Any:
+    if credentials is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, credentials, options=options)
+
+
 def build_request(
     input: str,
     *,
@@ -132,7 +176,8 @@ class AsyncOrchestratorClient:
 
     ``retries`` (0-4) lets gRPC retry a request the mesh shed or could not route, before any chunk
     arrived, waiting as long as the shedding stage asked. Pass an OpenTelemetry ``tracer_provider``
-    to wrap each call in a CLIENT span whose trace the mesh joins.
+    to wrap each call in a CLIENT span whose trace the mesh joins. ``credentials`` (see :func:`tls_credentials`)
+    connect over TLS; ``token`` is an API key, sent as ``authorization: Bearer`` on every call.
     """
 
     def __init__(
@@ -142,9 +187,12 @@ class AsyncOrchestratorClient:
         options: Sequence[tuple[str, Any]] = (),
         tracer_provider: Any | None = None,
         retries: int = 0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries, options))
+        self._auth = _auth_metadata(target, credentials, token)
+        self._channel = _open_channel(grpc.aio, target, credentials, channel_options(retries, options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
         self._tracing = _Tracing(tracer_provider)
 
@@ -165,7 +213,7 @@ class AsyncOrchestratorClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[types_pb2.StreamChunk, None]:
         """Stream the chunks of one request. Closing the stream early (``aclose()``) cancels it in the mesh."""
-        span, md = self._tracing.start(metadata)
+        span, md = self._tracing.start((*self._auth, *metadata))
         call = self._stub.Submit(request, timeout=timeout, metadata=md or None)
         code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
@@ -205,9 +253,12 @@ class OrchestratorClient:
         options: Sequence[tuple[str, Any]] = (),
         tracer_provider: Any | None = None,
         retries: int = 0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=channel_options(retries, options))
+        self._auth = _auth_metadata(target, credentials, token)
+        self._channel = _open_channel(grpc, target, credentials, channel_options(retries, options))
         self._stub = stages_pb2_grpc.StreamServiceStub(self._channel)
         self._tracing = _Tracing(tracer_provider)
 
@@ -227,7 +278,7 @@ class OrchestratorClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> Iterator[types_pb2.StreamChunk]:
-        span, md = self._tracing.start(metadata)
+        span, md = self._tracing.start((*self._auth, *metadata))
         call = self._stub.Submit(request, timeout=timeout, metadata=md or None)
         code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:

@@ -10,11 +10,40 @@ import sys
 import time
 from collections.abc import Sequence
 
+import grpc
 from google.protobuf import json_format
 
-from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request
+from orchestrator_client import (
+    AsyncOrchestratorClient,
+    FinishReason,
+    OrchestratorRpcError,
+    build_request,
+    tls_credentials,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50055"
+TOKEN_ENV = "ORCH_TOKEN"
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """How to reach a secured mesh: TLS files and an API key (read from a file or $ORCH_TOKEN, never argv)."""
+    p.add_argument("--ca-file", help="CA that signed the edge's certificate: connect over TLS")
+    p.add_argument("--cert-file", help="this client's certificate, for an edge that asks for one (mutual TLS)")
+    p.add_argument("--key-file", help="the client certificate's private key")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, checking the edge with the system's CAs")
+    p.add_argument("--token-file", help="file holding an API key (default: $ORCH_TOKEN, if set)")
+
+
+def connection_args(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """Channel credentials (None: plaintext) and API key from ``add_connection_args``' flags."""
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    return credentials, token
 
 
 def _meta(items: Sequence[str]) -> dict[str, str]:
@@ -38,7 +67,10 @@ async def _submit(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     first_ms = None
-    async with AsyncOrchestratorClient(args.target, retries=args.retries) as client:
+    credentials, token = connection_args(args)
+    async with AsyncOrchestratorClient(
+        args.target, retries=args.retries, credentials=credentials, token=token
+    ) as client:
         try:
             async for chunk in client.submit_request(request, timeout=args.timeout):
                 if first_ms is None:
@@ -96,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="retry a shed or unroutable request, waiting as long as the mesh asks (default: 0)",
     )
     p.add_argument("--json", action="store_true", help="print each chunk as one JSON line")
+    add_connection_args(p)
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_submit(args))
-    except argparse.ArgumentTypeError as exc:
+    except (argparse.ArgumentTypeError, ValueError, OSError) as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -18,12 +18,108 @@ import pytest
 from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh, start_mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator_client import AsyncOrchestratorClient, OrchestratorClient
 
 T = TypeVar("T")
 
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+MAKE_CERTS = ROOT / "deploy" / "tls" / "make-certs.sh"
+
+
+def make_certs(directory: Path, *names: str, **env: str) -> Path:
+    """Real certificates made now with openssl, by the script the README documents (``deploy/tls``)."""
+    subprocess.run(
+        ["bash", str(MAKE_CERTS), str(directory), *names], check=True, capture_output=True, env={**os.environ, **env}
+    )
+    return directory
+
+
+class Security:
+    """How the test meshes are secured: plaintext, or (``pytest --tls``) TLS at the edge with client certificates
+    and mutual TLS between the stages, from certificates made for the session."""
+
+    def __init__(self) -> None:
+        self.certs: Path | None = None
+
+    def enable(self, certs: Path) -> None:
+        self.certs = certs
+
+    def env(self) -> dict[str, str]:
+        if self.certs is None:
+            return {}
+        return {
+            "ORCH_TLS_CERT_FILE": f"{self.certs}/{{stage}}.pem",
+            "ORCH_TLS_KEY_FILE": f"{self.certs}/{{stage}}.key",
+            "ORCH_TLS_CA_FILE": f"{self.certs}/ca.pem",
+            "ORCH_TLS_CLIENT_CA_FILE": f"{self.certs}/ca.pem",
+        }
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """A client's: the mesh's CA, and the client certificate the edge asks for."""
+        c = self.certs
+        if c is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            (c / "ca.pem").read_bytes(), (c / "client.key").read_bytes(), (c / "client.pem").read_bytes()
+        )
+
+    def node_env(self) -> dict[str, str]:
+        """What ``tests/node/credentials.js`` reads."""
+        if self.certs is None:
+            return {}
+        c = self.certs
+        return {"TLS_CA": f"{c}/ca.pem", "TLS_CERT": f"{c}/client.pem", "TLS_KEY": f"{c}/client.key"}
+
+    def grpcurl_args(self) -> list[str]:
+        if self.certs is None:
+            return ["-plaintext"]
+        c = self.certs
+        return ["-cacert", f"{c}/ca.pem", "-cert", f"{c}/client.pem", "-key", f"{c}/client.key"]
+
+
+SECURITY = Security()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--tls", action="store_true", help="run the meshes with TLS at the edge and mutual TLS between stages"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--tls"):
+        import tempfile
+
+        SECURITY.enable(make_certs(Path(tempfile.mkdtemp(prefix="orchestrator-test-certs-"))))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SECURITY.certs is not None:
+        import shutil
+
+        shutil.rmtree(SECURITY.certs, ignore_errors=True)
+
+
+def mesh_client(address: str, **kwargs: object) -> AsyncOrchestratorClient:
+    """An async client of the edge at ``address``, secured as the test meshes are."""
+    return AsyncOrchestratorClient(address, credentials=SECURITY.credentials(), **kwargs)  # type: ignore[arg-type]
+
+
+def mesh_sync_client(address: str, **kwargs: object) -> OrchestratorClient:
+    return OrchestratorClient(address, credentials=SECURITY.credentials(), **kwargs)  # type: ignore[arg-type]
+
+
+def mesh_channel(address: str) -> grpc.Channel:
+    """A blocking channel to any stage (admin, health), secured as the test meshes are."""
+    creds = SECURITY.credentials()
+    return grpc.insecure_channel(address) if creds is None else grpc.secure_channel(address, creds)
+
+
+def mesh_aio_channel(address: str) -> grpc.aio.Channel:
+    creds = SECURITY.credentials()
+    return grpc.aio.insecure_channel(address) if creds is None else grpc.aio.secure_channel(address, creds)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -99,6 +195,7 @@ def mesh_env(**overrides: str) -> dict[str, str]:
     env = clean_env()
     env.update({f"ORCH_{name.upper()}_PORT": "0" for name in STAGES})
     env.update({f"ORCH_{name.upper()}_METRICS_PORT": "0" for name in STAGES})
+    env.update(SECURITY.env())
     env.update(overrides)
     return env
 
@@ -119,9 +216,10 @@ def poll(check: Callable[[], T | None], timeout_s: float = 10.0, interval_s: flo
         time.sleep(interval_s)
 
 
-def stage_status(address: str) -> admin_pb2.GetStatusResponse:
-    with grpc.insecure_channel(address) as channel:
-        reply: admin_pb2.GetStatusResponse = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+def stage_status(address: str, plaintext: bool = False) -> admin_pb2.GetStatusResponse:
+    """A stage's (or, ``plaintext``, the worker server's) AdminService/GetStatus."""
+    with grpc.insecure_channel(address) if plaintext else mesh_channel(address) as ch:
+        reply: admin_pb2.GetStatusResponse = admin_pb2_grpc.AdminServiceStub(ch).GetStatus(
             admin_pb2.GetStatusRequest(), timeout=5
         )
         return reply

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.core.config import ConfigError, MeshConfig, describe_settings, load_config
-from orchestrator.core.graph import STAGES
+from orchestrator.core.graph import EDGE, STAGES
 from orchestrator.launcher import LaunchError, start_mesh
 
 DEFAULT_CONFIG = "pipeline.toml"
@@ -74,7 +74,13 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
             telemetry = build_telemetry("demo-client")
             if telemetry.tracing:
                 print(f"tracing to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', 'the OTLP endpoint')}", flush=True)
-            counts = asyncio.run(run_demo(mesh.entry, sys.stdout, tracer_provider=telemetry.tracer_provider))
+            from orchestrator.runtime.security import channel_credentials
+
+            credentials = channel_credentials(mesh.tls, EDGE)  # the operator's: the edge's own certificate
+            demo_run = run_demo(
+                mesh.entry, sys.stdout, tracer_provider=telemetry.tracer_provider, credentials=credentials
+            )
+            counts = asyncio.run(demo_run)
             telemetry.shutdown()
             ok = counts["completed"] == sum(counts.values())
         else:
@@ -93,26 +99,30 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
+    from orchestrator.runtime.security import operator_channel
     from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
+    cfg = _load(_config_path(args.config))
+    if cfg is None:
+        return 1
     if args.addresses:
-        targets = list(args.addresses)
+        targets: list[tuple[str | None, str]] = [(None, addr) for addr in args.addresses]
     else:
-        cfg = _load(_config_path(args.config))
-        if cfg is None:
-            return 1
-        targets = [addr for name in STAGES for addr in cfg.stage(name).addresses()]
+        targets = [(name, addr) for name in STAGES for addr in cfg.stage(name).addresses()]
     print(
         f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
-        f"{'ok':>8} {'invalid':>7} {'failed':>7} {'cancel':>7}  worker"
+        f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  worker"
     )
+    metadata = _admin_metadata(args.token_file)
     failed = 0
-    for address in targets:
-        with grpc.insecure_channel(address) as channel:
+    for name, address in targets:
+        with operator_channel(cfg.tls, address, name) as channel:
             try:
-                s = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=2)
+                s = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+                    admin_pb2.GetStatusRequest(), timeout=2, metadata=metadata
+                )
             except grpc.RpcError as err:
-                print(f"{'?':<10} {address:<22} {err.code().name}")
+                print(f"{'?':<10} {address:<22} {err.code().name}: {err.details()}")
                 failed += 1
                 continue
         q, c = s.queue, s.counters
@@ -124,16 +134,87 @@ def _status(args: argparse.Namespace) -> int:
         print(
             f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
             f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "
-            f"{c.failed:>7} {c.cancelled:>7}  {worker}"
+            f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
         )
     return 1 if failed else 0
 
 
-def _health(address: str, timeout_s: float) -> int:
+def _admin_metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
+    """An admin key for AdminService, from ``--token-file`` or $ORCH_TOKEN (never the command line)."""
+    token = os.environ.get("ORCH_TOKEN") or None
+    if token_file:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``orchestrator keys add|revoke|list FILE``: the file holds hashes only; a new key is printed once."""
+    from orchestrator.runtime.tenants import key_line, new_key, parse_keys
+
+    path = Path(args.file)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    try:
+        keys = parse_keys(text, str(path))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        for entry in keys.values():
+            limits = ", ".join(
+                f"{k} {v:g}" for k in ("rate", "burst", "max_streams") if (v := getattr(entry, k)) is not None
+            )
+            print(f"{entry.tenant:<24} {entry.role:<7} {entry.digest.hex()[:12]}  {limits}")
+        return 0
+    if args.action == "revoke":
+        kept = [line for line in text.splitlines() if not _names_tenant(line, args.tenant)]
+        removed = len(text.splitlines()) - len(kept)
+        _write_private(path, "".join(f"{line}\n" for line in kept))
+        print(f"revoked {removed} key(s) of tenant {args.tenant!r}; stages stop accepting them within a second")
+        return 0 if removed else 1
+    secret = new_key()
+    line = key_line(
+        secret,
+        args.tenant,
+        "admin" if args.admin else "client",
+        rate=args.rate,
+        burst=args.burst,
+        max_streams=args.max_streams,
+    )
+    _write_private(path, text + ("" if not text or text.endswith("\n") else "\n") + line + "\n")
+    print(secret)
+    print(f"added a key for tenant {args.tenant!r} to {path}; it is shown only now", file=sys.stderr)
+    return 0
+
+
+def _names_tenant(line: str, tenant: str) -> bool:
+    import json
+
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("tenant") == tenant
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with an owner-only file: a reader sees the old keys or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def _health(address: str, timeout_s: float, config: str | None) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from orchestrator.runtime.security import operator_channel
+
+    cfg = _load(_config_path(config))
+    if cfg is None:
+        return 1
+    with operator_channel(cfg.tls, address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError as err:
@@ -178,9 +259,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("status", help="queue, counters and worker of every stage (AdminService/GetStatus)")
     p.add_argument("--config", help=f"pipeline TOML with the stage addresses (default: ./{DEFAULT_CONFIG} if present)")
     p.add_argument("addresses", nargs="*", help="host:port of stages to ask instead of the configured ones")
+    p.add_argument("--token-file", help="file holding an admin API key (default: $ORCH_TOKEN, if set)")
+    p = sub.add_parser("keys", help="add, revoke or list API keys in a keys file (auth.keys_file)")
+    p.add_argument("action", choices=("add", "revoke", "list"))
+    p.add_argument("file", help="the keys file (created owner-only)")
+    p.add_argument("--tenant", help="the tenant a key names (add, revoke)")
+    p.add_argument("--admin", action="store_true", help="an admin key: AdminService on every stage")
+    p.add_argument("--rate", type=float, help="this tenant's requests a second (default: tenants.rate)")
+    p.add_argument("--burst", type=int, help="requests above the rate at once (default: tenants.burst)")
+    p.add_argument("--max-streams", type=int, help="open streams at once (default: tenants.max_streams)")
     p = sub.add_parser("health", help="exit 0 if the stage at ADDRESS reports SERVING (container health checks)")
     p.add_argument("address", help="host:port of a stage")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default: %(default)s)")
+    p.add_argument("--config", help="pipeline TOML, for its TLS settings (default: ORCH_* variables)")
     sub.add_parser(
         "worker-server", help="serve the configured model worker over ModelWorkerService (see --help)", add_help=False
     )
@@ -204,8 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return _status(args)
+    if args.command == "keys":
+        if args.action != "list" and not args.tenant:
+            parser.error(f"keys {args.action} needs --tenant")
+        return _keys(args)
     if args.command == "health":
-        return _health(args.address, args.timeout)
+        return _health(args.address, args.timeout, args.config)
     if args.command == "stage":
         from orchestrator.stages import module
 

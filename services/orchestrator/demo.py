@@ -62,13 +62,20 @@ async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tok
     return result
 
 
-async def run_demo(target: str, out: TextIO, max_tokens: int = 48, tracer_provider: Any | None = None) -> Counter[str]:
+async def run_demo(
+    target: str,
+    out: TextIO,
+    max_tokens: int = 48,
+    tracer_provider: Any | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Counter[str]:
     """Send the demo requests at once; print each answer as it completes; return outcome counts.
 
-    With a ``tracer_provider`` each request gets a client span and its trace id is printed.
+    With a ``tracer_provider`` each request gets a client span and its trace id is printed; ``credentials``
+    connect over TLS.
     """
     counts: Counter[str] = Counter()
-    async with AsyncOrchestratorClient(target, tracer_provider=tracer_provider) as client:
+    async with AsyncOrchestratorClient(target, tracer_provider=tracer_provider, credentials=credentials) as client:
         tasks = [asyncio.create_task(_one(client, s, t, max_tokens)) for s, t in DEMO_REQUESTS]
         for n, finished in enumerate(asyncio.as_completed(tasks), 1):
             r = await finished

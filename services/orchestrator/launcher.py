@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator.core.config import ConfigError, TlsConfig, load_config
 from orchestrator.core.graph import CALLEE, EDGE, STAGES
+from orchestrator.runtime.security import operator_channel
 
 _POLL_S = 0.02
 
@@ -33,6 +35,7 @@ class StageProcess:
     env: dict[str, str]
     config: str | None
     metrics_address: str = ""
+    health_address: str = ""
 
     @property
     def port(self) -> int:
@@ -82,20 +85,22 @@ def wait_ready_file(
     return info
 
 
-def wait_healthy(address: str, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until the server at ``address`` reports SERVING."""
+def wait_healthy(address: str, timeout_s: float, tls: TlsConfig | None = None, stage: str = EDGE) -> None:
+    """Poll grpc.health.v1 until the ``stage`` server at ``address`` reports SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    last = "no answer"
+    with operator_channel(tls or TlsConfig(), address, stage) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"  # e.g. a TLS handshake that failed, and why
             if time.monotonic() > deadline:
-                raise LaunchError(f"{address} did not report SERVING within {timeout_s:.0f}s")
+                raise LaunchError(f"{address} did not report SERVING within {timeout_s:.0f}s (last: {last})")
             time.sleep(_POLL_S)
 
 
@@ -107,6 +112,8 @@ class Mesh:
     stages: dict[str, StageProcess] = field(default_factory=dict)
     # A command every stage runs under (e.g. ``taskset -c 0``: the bench's one-core runs).
     wrap: Sequence[str] = ()
+    # The stages' TLS settings: how operator tools reach them.
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
     def entry(self) -> str:
@@ -127,7 +134,12 @@ class Mesh:
         info = wait_ready_file(proc.name, proc.popen, self.run_dir / f"{proc.name}.ready", proc.log_path, timeout_s)
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
-        wait_healthy(proc.address, max(1.0, deadline - time.monotonic()))
+        proc.health_address = info.get("health_address", "")
+        wait_healthy(proc.address, max(1.0, deadline - time.monotonic()), self.tls, proc.name)
+
+    def channel(self, stage: str) -> grpc.Channel:
+        """A blocking channel to ``stage`` for operator calls (health, admin), TLS or not as the mesh is."""
+        return operator_channel(self.tls, self.address(stage), stage)
 
     def kill(self, name: str) -> None:
         """SIGKILL one stage (tests of failure handling)."""
@@ -179,7 +191,11 @@ def start_mesh(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if env is None else env)
-    mesh = Mesh(run_dir, wrap=wrap)
+    try:
+        tls = load_config(config, base_env).tls
+    except ConfigError as exc:
+        raise LaunchError(str(exc)) from None
+    mesh = Mesh(run_dir, wrap=wrap, tls=tls)
     try:
         for name in STAGES:
             stage_env = dict(base_env)

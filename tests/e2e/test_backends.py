@@ -21,12 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError
+from orchestrator_client import FinishReason, OrchestratorRpcError
 from tests.conftest import (
     ROOT,
     clean_env,
     free_port_config,
     http_ok,
+    mesh_channel,
+    mesh_client,
     poll,
     run_demo,
     stage_status,
@@ -100,7 +102,7 @@ async def test_llama_completion_streams_through_all_five_stages(
     llama: LlamaServer, fresh_mesh: Callable[..., Mesh], api: str
 ) -> None:
     m = fresh_mesh(**openai_env(llama.base_url, api))
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         chunks = [c async for c in client.submit("Say something.", session="llama", max_tokens=24, timeout=60)]
     text = "".join(c.text for c in chunks)
     done = chunks[-1].completion
@@ -110,7 +112,7 @@ async def test_llama_completion_streams_through_all_five_stages(
     assert done.model == "tiny"
     assert [t.stage for t in done.timings] == ["rag", "assemble", "inference", "post", "stream"]
     # Greedy decoding is deterministic: the same request gives the same text.
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         again = await client.complete("Say something.", session="llama", max_tokens=24, timeout=60)
     assert again.text == text
 
@@ -121,7 +123,7 @@ async def test_client_cancel_stops_generation_on_the_llama_server(
 ) -> None:
     m = fresh_mesh(**openai_env(llama.base_url, "completions"))
     disconnects = llama.log().count("disconnected")
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         stream = client.submit("Write a very long story.", session="long", max_tokens=3500, timeout=120)
         for _ in range(3):
             await anext(stream)
@@ -151,7 +153,7 @@ async def test_client_cancel_stops_generation_on_the_llama_server(
 
 async def test_backend_down_is_unavailable_quickly(fresh_mesh: Callable[..., Mesh]) -> None:
     m = fresh_mesh(**openai_env("http://127.0.0.1:1/v1"))
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         started = time.monotonic()
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete("anyone?", session="s", max_tokens=3, timeout=30)
@@ -218,7 +220,7 @@ async def test_rate_limited_backend_is_resource_exhausted_with_its_retry_hint(
 ) -> None:
     backend.mode = "429"
     m = fresh_mesh(**openai_env(backend.base_url))
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete("hello", session="s", max_tokens=3, timeout=30)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -229,7 +231,7 @@ async def test_rate_limited_backend_is_resource_exhausted_with_its_retry_hint(
 
 
 def _health(address: str, service: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with mesh_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(reply.status)
 
@@ -249,7 +251,7 @@ async def test_circuit_breaker_opens_flips_readiness_and_a_probe_closes_it(
     inference = m.address("inference")
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert _health(inference, "orchestrator.v1.InferenceService") == serving
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         for _ in range(3):
             with pytest.raises(OrchestratorRpcError) as info:
                 await client.complete("hello", session="s", max_tokens=3, timeout=30)
@@ -301,7 +303,7 @@ def worker_server(tmp_path: Path) -> Iterator[str]:
 
 async def test_remote_worker_streams_and_cancels(worker_server: str, fresh_mesh: Callable[..., Mesh]) -> None:
     m = fresh_mesh(ORCH_INFERENCE_WORKER_KIND="remote", ORCH_INFERENCE_WORKER_REMOTE_ADDRESS=worker_server)
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         result = await client.complete("What is BM25?", session="r", max_tokens=5, timeout=30)
         assert result.completion.usage.completion_tokens == 5
         assert result.text.startswith("Answer the question")
@@ -311,7 +313,7 @@ async def test_remote_worker_streams_and_cancels(worker_server: str, fresh_mesh:
         await stream.aclose()
 
     def stopped() -> admin_pb2.WorkerStatus | None:
-        w = stage_status(worker_server).worker
+        w = stage_status(worker_server, plaintext=True).worker
         return w if w.active == 0 and w.last_generation_end_unix_nanos > cancelled_at else None
 
     worker = poll(stopped, what="the remote worker to stop")
@@ -331,7 +333,7 @@ def write_config(path: Path, name: str) -> None:
 
 
 def reload(address: str) -> str:
-    with grpc.insecure_channel(address) as channel:
+    with mesh_channel(address) as channel:
         reply = admin_pb2_grpc.AdminServiceStub(channel).Reload(admin_pb2.ReloadRequest(), timeout=10)
         return str(reply.worker)
 
@@ -343,7 +345,7 @@ async def test_hot_swap_keeps_in_flight_streams_on_the_old_worker(
     write_config(config, "echo-a")
     m = fresh_mesh(str(config))
     inference = m.address("inference")
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         in_flight = [
             asyncio.create_task(client.complete("swap " * 100, session=f"s{i}", max_tokens=60, timeout=60))
             for i in range(3)

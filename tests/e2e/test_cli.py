@@ -11,8 +11,7 @@ import pytest
 
 from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
-from orchestrator_client import OrchestratorClient
-from tests.conftest import BIN, ROOT, clean_env, free_port_config, run_demo
+from tests.conftest import BIN, ROOT, clean_env, free_port_config, mesh_sync_client, run_demo
 
 
 def run(
@@ -102,21 +101,25 @@ def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
             if line.startswith("mesh is up"):
                 break
         entry = lines[-1].rsplit(" ", 1)[-1].strip()
-        with OrchestratorClient(entry) as client:
+        with mesh_sync_client(entry) as client:
             assert client.complete("hello", session="up", max_tokens=2).completion.usage.completion_tokens == 2
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, "".join(lines) + out
         assert "stopped all five stages" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # a failed check: stop it as a user would, so it stops its stages too
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.mesh
 def test_status_shows_every_stage(mesh: Mesh) -> None:
-    with OrchestratorClient(mesh.entry) as client:
+    with mesh_sync_client(mesh.entry) as client:
         client.complete("count me", session="status", max_tokens=2)
     done = run(
         str(BIN / "orchestrator"),

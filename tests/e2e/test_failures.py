@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.launcher import Mesh
-from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
-from tests.conftest import poll
+from orchestrator_client import OrchestratorRpcError
+from tests.conftest import mesh_channel, mesh_client, poll
 
 pytestmark = pytest.mark.mesh
 
@@ -22,7 +22,7 @@ LONG_INPUT = "explain graceful shutdown and health checking " * 60
 
 async def test_killed_stage_gives_unavailable_then_recovers(fresh_mesh: Callable[..., Mesh]) -> None:
     m = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="20")
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         stream = client.submit(LONG_INPUT, session="victim", max_tokens=400, timeout=60)
         first = await anext(stream)
         assert first.text
@@ -61,7 +61,7 @@ async def test_killed_stage_gives_unavailable_then_recovers(fresh_mesh: Callable
 
 
 def _health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with mesh_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
             return int(reply.status)
@@ -72,7 +72,7 @@ def _health(address: str) -> int:
 async def test_sigterm_drains_in_flight_streams(fresh_mesh: Callable[..., Mesh]) -> None:
     m = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="5", ORCH_SERVER_DRAIN_GRACE_S="20")
     edge = m.stages["stream"]
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         stream = client.submit(LONG_INPUT, session="drain", max_tokens=200, timeout=60)
         chunks = [await anext(stream)]
         edge.popen.send_signal(signal.SIGTERM)
@@ -89,7 +89,7 @@ async def test_draining_stage_reports_not_serving(fresh_mesh: Callable[..., Mesh
     m = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="20", ORCH_SERVER_DRAIN_GRACE_S="20")
     post = m.stages["post"]
     assert _health(post.address) == health_pb2.HealthCheckResponse.SERVING
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         stream = client.submit(LONG_INPUT, session="drain", max_tokens=100, timeout=60)
         await anext(stream)
         post.popen.send_signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, types_pb2
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import AsyncOrchestratorClient, FinishReason, OrchestratorRpcError, build_request
-from tests.conftest import poll, scrape, stage_status
+from tests.conftest import mesh_client, poll, scrape, stage_status
 
 pytestmark = pytest.mark.mesh
 
@@ -36,7 +36,7 @@ def expected_text(user_input: str, max_tokens: int) -> str:
 
 async def test_stream_equals_echo_plus_post(mesh: Mesh) -> None:
     user_input = "How does load shedding protect latency?"
-    async with AsyncOrchestratorClient(mesh.entry) as client:
+    async with mesh_client(mesh.entry) as client:
         chunks = [c async for c in client.submit(user_input, session="alice", max_tokens=40)]
     text = "".join(c.text for c in chunks)
     assert text == expected_text(user_input, 40)
@@ -62,7 +62,7 @@ async def test_stop_sequence_ends_the_stream(mesh: Mesh) -> None:
     full = expected_text(user_input, 200)
     stop = "scores a document"
     assert stop in full
-    async with AsyncOrchestratorClient(mesh.entry) as client:
+    async with mesh_client(mesh.entry) as client:
         result = await client.complete(user_input, session="bob", max_tokens=200, stop=[stop])
     assert result.text == full[: full.index(stop)]
     assert result.completion.finish_reason == FinishReason.Value("FINISH_REASON_STOP")
@@ -81,7 +81,7 @@ async def test_stop_sequence_ends_the_stream(mesh: Mesh) -> None:
     ],
 )
 async def test_bad_input_is_invalid_argument(mesh: Mesh, request_kwargs: dict[str, object], message: str) -> None:
-    async with AsyncOrchestratorClient(mesh.entry) as client:
+    async with mesh_client(mesh.entry) as client:
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete(**request_kwargs)  # type: ignore[arg-type]
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -94,7 +94,7 @@ async def test_bad_input_is_invalid_argument(mesh: Mesh, request_kwargs: dict[st
 
 async def test_missing_session_message_is_rejected_at_the_edge(mesh: Mesh) -> None:
     request = types_pb2.PromptRequest(input="no session at all")
-    async with AsyncOrchestratorClient(mesh.entry) as client:
+    async with mesh_client(mesh.entry) as client:
         with pytest.raises(OrchestratorRpcError) as info:
             _ = [c async for c in client.submit_request(request)]
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -118,7 +118,7 @@ async def test_surge_admits_capacity_plus_concurrency_and_sheds_the_rest(fresh_m
         except OrchestratorRpcError as err:
             outcomes.append(err)
 
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         tasks = [asyncio.create_task(one(i, client)) for i in range(n)]
         # Sheds come back at once, while the admitted requests wait on the gate.
         deadline = time.monotonic() + 30
@@ -160,7 +160,7 @@ def _idle_everywhere(m: Mesh) -> bool:
 
 
 async def test_cancel_mid_stream_stops_the_worker(slow_mesh: Mesh) -> None:
-    async with AsyncOrchestratorClient(slow_mesh.entry) as client:
+    async with mesh_client(slow_mesh.entry) as client:
         stream = client.submit(LONG_INPUT, session="canceller", max_tokens=400)
         got = [await anext(stream) for _ in range(3)]
         assert all(c.text for c in got)
@@ -187,7 +187,7 @@ async def test_cancel_mid_stream_stops_the_worker(slow_mesh: Mesh) -> None:
 
 
 async def test_deadline_shorter_than_the_work(slow_mesh: Mesh) -> None:
-    async with AsyncOrchestratorClient(slow_mesh.entry) as client:
+    async with mesh_client(slow_mesh.entry) as client:
         started = time.monotonic()
         with pytest.raises(OrchestratorRpcError) as info:
             await client.complete(LONG_INPUT, session="hurried", max_tokens=400, timeout=0.5)
@@ -203,7 +203,7 @@ async def test_client_retries_honour_the_shed_retry_hint(fresh_mesh) -> None:  #
         ORCH_INFERENCE_CONCURRENCY="1",
         ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="30",
     )
-    async with AsyncOrchestratorClient(m.entry) as plain, AsyncOrchestratorClient(m.entry, retries=4) as retrying:
+    async with mesh_client(m.entry) as plain, mesh_client(m.entry, retries=4) as retrying:
         await plain.complete("warm up", session="w", max_tokens=5)  # the stage learns how long a request holds a slot
 
         async def burst(client: AsyncOrchestratorClient) -> list[object]:
@@ -246,7 +246,7 @@ async def test_a_burst_over_the_edge_capacity_is_answered_and_counted_in_full(fr
         answered = sum(v for (name, _), v in samples.items() if name == "orchestrator_requests_total")
         return answered + samples[("orchestrator_in_flight_requests", (("stage", "stream"),))] == n
 
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         calls = asyncio.gather(*(one(i, client) for i in range(n)))
         await asyncio.to_thread(poll, arrived, 60, 0.05, "every call of the burst to reach the edge")
         gate.touch()
@@ -283,7 +283,7 @@ async def test_overload_is_shed_fast_and_what_is_admitted_waits_little(fresh_mes
             return
         results.append(("ok", sum(t.queue_ms for t in done.completion.timings)))
 
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         tasks = []
         started = time.monotonic()
         for i in range(int(rate * seconds)):

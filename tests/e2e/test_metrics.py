@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from orchestrator.launcher import Mesh
-from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
-from tests.conftest import http_ok, poll, stage_status, start_on_free_port, stop_process
+from orchestrator_client import OrchestratorRpcError
+from tests.conftest import http_ok, mesh_client, poll, stage_status, start_on_free_port, stop_process
 
 pytestmark = pytest.mark.mesh
 
@@ -93,7 +93,7 @@ async def test_prometheus_scrapes_queue_depth_sheds_and_latency(
         what="all five stages to be scraped",
     )
 
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
 
         async def one(i: int) -> str:
             try:

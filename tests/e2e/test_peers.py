@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.launcher import Mesh
-from orchestrator_client import OrchestratorClient
+from tests.conftest import SECURITY, mesh_sync_client
 
 pytestmark = [pytest.mark.mesh, pytest.mark.peer]
 
@@ -21,7 +22,9 @@ NODE_DIR = ROOT / "tests" / "node"
 
 
 def grpcurl(*args: str) -> str:
-    done = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(
+        [GRPCURL, *SECURITY.grpcurl_args(), *args], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -46,14 +49,22 @@ def test_grpcurl_health_and_submit(mesh: Mesh) -> None:
     out = grpcurl("-d", request, mesh.entry, "orchestrator.v1.StreamService/Submit")
     chunks = [json.loads(doc) for doc in out.replace("}\n{", "}\x00{").split("\x00")]
     assert chunks[-1]["completion"]["usage"]["completion_tokens"] == 12  # grpcurl keeps proto field names
-    with OrchestratorClient(mesh.entry) as client:
+    with mesh_sync_client(mesh.entry) as client:
         expected = client.complete("What is gRPC reflection?", session="curl", max_tokens=12).text
     assert "".join(c.get("text", "") for c in chunks) == expected
 
 
 def test_grpcurl_sees_the_shed_stage_in_trailers(mesh: Mesh) -> None:
     done = subprocess.run(
-        [GRPCURL, "-plaintext", "-v", "-d", '{"input": ""}', mesh.entry, "orchestrator.v1.StreamService/Submit"],
+        [
+            GRPCURL,
+            *SECURITY.grpcurl_args(),
+            "-v",
+            "-d",
+            '{"input": ""}',
+            mesh.entry,
+            "orchestrator.v1.StreamService/Submit",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -71,6 +82,7 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
     user_input = "How do Node clients read server streams?"
     done = subprocess.run(
         ["node", str(NODE_DIR / "submit.js"), mesh.entry, "node", "24", user_input],
+        env={**os.environ, **SECURITY.node_env()},
         capture_output=True,
         text=True,
         timeout=60,
@@ -83,7 +95,7 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
     assert final["finish_reason"] == "FINISH_REASON_LENGTH"
     assert final["usage"]["completion_tokens"] == 24
     assert [t["stage"] for t in final["timings"]] == ["rag", "assemble", "inference", "post", "stream"]
-    with OrchestratorClient(mesh.entry) as client:
+    with mesh_sync_client(mesh.entry) as client:
         expected = client.complete(user_input, session="node", max_tokens=24).text
     assert "".join(c["text"] for c in chunks) == expected
 
@@ -97,6 +109,7 @@ def test_node_client_discovers_the_mesh_through_reflection_and_calls_it(mesh: Me
         pytest.fail("Node dependencies missing: run 'make node-deps' (make test does)")
     done = subprocess.run(
         ["node", str(NODE_DIR / "reflect.js"), mesh.entry, version],
+        env={**os.environ, **SECURITY.node_env()},
         capture_output=True,
         text=True,
         timeout=60,

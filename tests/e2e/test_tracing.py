@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from orchestrator.launcher import Mesh
-from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
-from tests.conftest import clean_env, free_port_config, launch, poll, run_demo, stage_status
+from orchestrator_client import OrchestratorRpcError
+from tests.conftest import clean_env, free_port_config, launch, mesh_client, poll, run_demo, stage_status
 from tests.otlp import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.mesh
@@ -87,7 +87,7 @@ def server_span(spans: list[ReceivedSpan], service: str) -> ReceivedSpan:
 async def test_one_request_is_one_trace_with_an_edge_per_hop(
     traced_mesh: Mesh, receiver: OtlpReceiver, client_tracing: TracerProvider
 ) -> None:
-    async with AsyncOrchestratorClient(traced_mesh.entry, tracer_provider=client_tracing) as client:
+    async with mesh_client(traced_mesh.entry, tracer_provider=client_tracing) as client:
         result = await client.complete(f"What is BM25? {SECRET}", session="tracer", max_tokens=20)
     assert len(result.trace_id) == 32  # the edge tells the client its trace id
     spans = wait_for_trace(receiver, result.trace_id, servers=5, clients=5)
@@ -133,7 +133,7 @@ def spans_of_request(receiver: OtlpReceiver, session: str) -> list[ReceivedSpan]
 
 
 async def test_cancelled_and_deadline_requests_are_marked(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:
-    async with AsyncOrchestratorClient(traced_mesh.entry) as client:
+    async with mesh_client(traced_mesh.entry) as client:
         stream = client.submit("cancel me " * 100, session="trace-cancel", max_tokens=300)
         await anext(stream)
         await stream.aclose()
@@ -172,7 +172,7 @@ async def test_shed_request_is_marked(fresh_mesh: Callable[..., Mesh], receiver:
         ORCH_INFERENCE_WORKER_ECHO_GATE_FILE=str(tmp_path / "gate"),
         **otel_env(receiver),
     )
-    async with AsyncOrchestratorClient(m.entry) as client:
+    async with mesh_client(m.entry) as client:
         blocker = client.submit("hold the slot", session="trace-holder", max_tokens=2)
         holder = asyncio.ensure_future(anext(blocker))
         deadline = time.monotonic() + 10

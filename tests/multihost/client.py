@@ -17,8 +17,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.core.affinity import rendezvous_order
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError
+from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, tls_credentials
 from tests.multihost import netns
+
+
+def credentials(spec: dict[str, Any], name: str = "client") -> grpc.ChannelCredentials:
+    """The mesh's CA and a certificate: a client's, or (operator tools) the edge's."""
+    certs = spec["certs"]
+    return tls_credentials(f"{certs}/ca.pem", f"{certs}/{name}.pem", f"{certs}/{name}.key")
+
+
+def edge_client(spec: dict[str, Any]) -> AsyncOrchestratorClient:
+    """A client of the edge, which it dials by address and checks by the name its certificate carries."""
+    options = (("grpc.ssl_target_name_override", "stream"),)
+    return AsyncOrchestratorClient(spec["edge"], credentials=credentials(spec), options=options)
+
+
+def stage_channel(spec: dict[str, Any], address: str, stage: str) -> grpc.aio.Channel:
+    """A channel for operator calls (health, admin) to the ``stage`` process at ``address``."""
+    options = (("grpc.ssl_target_name_override", stage),)
+    return grpc.aio.secure_channel(address, credentials(spec, "stream"), options=options)
 
 
 async def timed(client: AsyncOrchestratorClient, session: str, tokens: int) -> dict[str, Any]:
@@ -32,10 +50,10 @@ async def timed(client: AsyncOrchestratorClient, session: str, tokens: int) -> d
     return {"session": session, "model": result.completion.model, "s": time.monotonic() - started}
 
 
-async def wait_ready(client: AsyncOrchestratorClient) -> None:
+async def wait_ready(spec: dict[str, Any]) -> None:
     """Until the edge reports SERVING (it does once every stage below it is up)."""
     deadline = time.monotonic() + 30
-    async with grpc.aio.insecure_channel(client.target) as channel:
+    async with stage_channel(spec, spec["edge"], "stream") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -45,7 +63,7 @@ async def wait_ready(client: AsyncOrchestratorClient) -> None:
             except grpc.aio.AioRpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{client.target} did not report SERVING")
+                raise TimeoutError(f"{spec['edge']} did not report SERVING")
             await asyncio.sleep(0.2)
 
 
@@ -69,8 +87,8 @@ async def partition(spec: dict[str, Any]) -> dict[str, Any]:
     on_a = [s for s in sessions if rendezvous_order(s, [a, b])[0] == a][:5]
     on_b = [s for s in sessions if rendezvous_order(s, [a, b])[0] == b][:5]
     out: dict[str, Any] = {}
-    async with AsyncOrchestratorClient(spec["edge"]) as client:
-        await wait_ready(client)
+    async with edge_client(spec) as client:
+        await wait_ready(spec)
         out["before"] = [await timed(client, s, 8) for s in on_a + on_b]
         t0 = [0.0]
         streams = [asyncio.create_task(long_stream(client, s, t0)) for s in on_a[:4]]
@@ -95,8 +113,8 @@ async def partition(spec: dict[str, Any]) -> dict[str, Any]:
 async def hold(spec: dict[str, Any]) -> dict[str, Any]:
     """Start requests and keep them open until this host is cut off (the test does that): a client that
     vanishes. Prints once they are under way."""
-    async with AsyncOrchestratorClient(spec["edge"]) as client:
-        await wait_ready(client)
+    async with edge_client(spec) as client:
+        await wait_ready(spec)
         # An input that retrieves documents: the echo worker's answer is the long prompt they make.
         question = "How do streaming, backpressure and load shedding work together?"
         streams = [client.submit(question, session=f"v{i}", max_tokens=400, timeout=120) for i in range(spec["n"])]
@@ -122,8 +140,8 @@ async def _drain(stream: Any) -> None:
 
 async def lossy(spec: dict[str, Any]) -> dict[str, Any]:
     """Requests through a host that loses a share of its packets."""
-    async with AsyncOrchestratorClient(spec["edge"]) as client:
-        await wait_ready(client)
+    async with edge_client(spec) as client:
+        await wait_ready(spec)
         out = {"clean": [await timed(client, f"l{i}", 8) for i in range(spec["n"])]}
         netns.loss(spec["lossy_ns"], spec["percent"])
         out["lossy"] = [await timed(client, f"l{i}", 8) for i in range(spec["n"])]
@@ -135,7 +153,7 @@ async def watch(spec: dict[str, Any]) -> dict[str, Any]:
     cancelled: when the worker went idle (monotonic clock, shared by every process on the machine) and how the
     stage counted its requests. A call's outcome is counted as its handler unwinds, just after the worker stops,
     so the two are waited for separately."""
-    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+    async with stage_channel(spec, spec["address"], "inference") as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         deadline = time.monotonic() + spec["timeout_s"]
         idle_at = None

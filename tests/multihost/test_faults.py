@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT, clean_env, make_certs
 from tests.multihost.netns import Host, Network
 
 pytestmark = pytest.mark.multihost
@@ -20,9 +20,17 @@ SLOW = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20"}
 
 
 def start_mesh(net: Network, links: str = "true", **inference: dict[str, str]) -> dict[str, Any]:
-    """RAG, Assemble, Post and the edge on one host, each inference replica (name -> its settings) on its own."""
+    """RAG, Assemble, Post and the edge on one host, each inference replica (name -> its settings) on its own; every
+    hop mutual TLS, as it must be between hosts, and clients with certificates too."""
+    certs = make_certs(net.run_dir / "certs")
     edge_host = net.host("edge")
-    env = clean_env(ORCH_SERVER_STAGE_LINKS=links)
+    env = clean_env(
+        ORCH_SERVER_STAGE_LINKS=links,
+        ORCH_TLS_CERT_FILE=f"{certs}/{{stage}}.pem",
+        ORCH_TLS_KEY_FILE=f"{certs}/{{stage}}.key",
+        ORCH_TLS_CA_FILE=f"{certs}/ca.pem",
+        ORCH_TLS_CLIENT_CA_FILE=f"{certs}/ca.pem",
+    )
     rag = edge_host.start_stage("rag", env)
     assemble = edge_host.start_stage("assemble", env | {"ORCH_RAG_REPLICAS": rag})
     replicas, hosts = [], {}
@@ -32,7 +40,14 @@ def start_mesh(net: Network, links: str = "true", **inference: dict[str, str]) -
         replicas.append(hosts[name].start_stage("inference", env | own))
     post = edge_host.start_stage("post", env | {"ORCH_INFERENCE_REPLICAS": ",".join(replicas)})
     edge = edge_host.start_stage("stream", env | {"ORCH_POST_REPLICAS": post})
-    return {"edge": edge, "edge_host": edge_host, "replicas": replicas, "hosts": hosts, "client": net.host("client")}
+    return {
+        "edge": edge,
+        "edge_host": edge_host,
+        "replicas": replicas,
+        "hosts": hosts,
+        "client": net.host("client"),
+        "certs": str(certs),
+    }
 
 
 def drive(host: Host, spec: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
@@ -56,6 +71,7 @@ def test_a_silently_partitioned_replica_costs_its_sessions_little_and_the_others
         {
             "scenario": "partition",
             "edge": mesh["edge"],
+            "certs": mesh["certs"],
             "replicas": mesh["replicas"],
             "names": ["infa", "infb"],
             "victim_ns": mesh["hosts"]["infa"].ns,
@@ -88,7 +104,14 @@ def test_a_vanished_client_is_noticed_and_its_generation_stops(
     settings = gated if before_first_token else {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "100"}
     mesh = start_mesh(network, links, inf=settings)
     n = 3
-    spec = {"scenario": "hold", "edge": mesh["edge"], "n": n, "first_chunk": not before_first_token, "hold_s": 60}
+    spec = {
+        "scenario": "hold",
+        "edge": mesh["edge"],
+        "certs": mesh["certs"],
+        "n": n,
+        "first_chunk": not before_first_token,
+        "hold_s": 60,
+    }
     holder = mesh["client"].popen(
         [sys.executable, "-m", "tests.multihost.client", json.dumps(spec)], clean_env(), "holder.log", ROOT
     )
@@ -98,7 +121,14 @@ def test_a_vanished_client_is_noticed_and_its_generation_stops(
     mesh["client"].partition()  # the client vanishes: no FIN, no reset
     vanished = time.monotonic()
     seen = drive(
-        mesh["edge_host"], {"scenario": "watch", "address": mesh["replicas"][0], "cancelled": n, "timeout_s": 15}
+        mesh["edge_host"],
+        {
+            "scenario": "watch",
+            "address": mesh["replicas"][0],
+            "certs": mesh["certs"],
+            "cancelled": n,
+            "timeout_s": 15,
+        },
     )
     assert seen["active"] == 0, seen
     assert seen["idle_at"] - vanished <= 5.0, seen  # noticed and cancelled in every stage within 5 s
@@ -109,7 +139,14 @@ def test_two_percent_loss_costs_only_retransmits(network: Network) -> None:
     mesh = start_mesh(network, inf=SLOW)
     seen = drive(
         mesh["client"],
-        {"scenario": "lossy", "edge": mesh["edge"], "lossy_ns": mesh["hosts"]["inf"].ns, "percent": 2, "n": 30},
+        {
+            "scenario": "lossy",
+            "edge": mesh["edge"],
+            "certs": mesh["certs"],
+            "lossy_ns": mesh["hosts"]["inf"].ns,
+            "percent": 2,
+            "n": 30,
+        },
     )
     assert all("error" not in r for r in seen["clean"] + seen["lossy"]), seen
     clean = statistics.median(r["s"] for r in seen["clean"])

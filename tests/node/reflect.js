@@ -2,19 +2,20 @@
 // (v1 or v1alpha), then streams one completion through the service it found, printing a JSON summary.
 // Usage: node reflect.js ADDRESS VERSION
 'use strict';
-const grpc = require('@grpc/grpc-js');
 const { GrpcReflection } = require('grpc-js-reflection-client');
+const { credentials, metadata } = require('./credentials');
 
 const [address, version] = process.argv.slice(2);
 
 (async () => {
-  const reflection = new GrpcReflection(address, grpc.credentials.createInsecure(), {}, version);
+  const reflection = new GrpcReflection(address, credentials(), {}, version);
   const services = await reflection.listServices();
   const descriptor = await reflection.getDescriptorBySymbol('orchestrator.v1.StreamService');
   const pkg = descriptor.getPackageObject({ keepCase: true, longs: Number, enums: String, defaults: true });
-  const client = new pkg.orchestrator.v1.StreamService(address, grpc.credentials.createInsecure());
+  const client = new pkg.orchestrator.v1.StreamService(address, credentials());
   const call = client.Submit(
     { session: { id: 'node-reflection' }, input: 'What is reflection?', params: { max_tokens: 5 } },
+    metadata(),
     { deadline: Date.now() + 30000 },
   );
   let text = '';

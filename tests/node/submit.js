@@ -4,6 +4,7 @@
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { credentials, metadata } = require('./credentials');
 
 const [address, session, maxTokens, input] = process.argv.slice(2);
 const protos = path.resolve(__dirname, '..', '..', 'protos');
@@ -15,9 +16,10 @@ const definition = protoLoader.loadSync('orchestrator/v1/stages.proto', {
   defaults: true,
 });
 const { orchestrator } = grpc.loadPackageDefinition(definition);
-const client = new orchestrator.v1.StreamService(address, grpc.credentials.createInsecure());
+const client = new orchestrator.v1.StreamService(address, credentials());
 const call = client.Submit(
   { session: { id: session }, input, params: { max_tokens: Number(maxTokens) } },
+  metadata(),
   { deadline: Date.now() + 30000 },
 );
 call.on('data', (chunk) => process.stdout.write(JSON.stringify(chunk) + '\n'));

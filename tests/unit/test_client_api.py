@@ -16,6 +16,7 @@ def test_public_exports() -> None:
         "PromptRequest",
         "StreamChunk",
         "build_request",
+        "tls_credentials",
     ]
     for name in orchestrator_client.__all__:
         assert getattr(orchestrator_client, name) is not None

@@ -46,7 +46,7 @@ def test_replicas_from_env_are_comma_separated() -> None:
 
 
 def test_wildcard_host_is_reached_on_loopback() -> None:
-    cfg = load_config(env={"ORCH_RAG_HOST": "0.0.0.0", "ORCH_RAG_PORT": "7000"})
+    cfg = load_config(env={"ORCH_RAG_HOST": "0.0.0.0", "ORCH_RAG_PORT": "7000", "ORCH_TLS_ALLOW_INSECURE": "true"})
     assert cfg.rag.addresses() == ("127.0.0.1:7000",)
 
 
@@ -61,12 +61,30 @@ def test_wildcard_host_is_reached_on_loopback() -> None:
         ({"ORCH_LIMITS_DEFAULT_MAX_TOKENS": "9000"}, "limits.default_max_tokens must be <= limits.max_tokens_limit"),
         ({"ORCH_SERVER_LOG_LEVEL": "LOUD"}, "server.log_level 'LOUD'"),
         ({"ORCH_SERVER_GC_FULL_EVERY": "0"}, "server.gc_full_every must be >= 1"),
+        ({"ORCH_POST_HOST": "0.0.0.0"}, "post.host '0.0.0.0' is not loopback and TLS is off"),
+        ({"ORCH_POST_HOST": "10.1.2.3"}, "set tls.cert_file, tls.key_file and tls.ca_file, or tls.allow_insecure"),
+        ({"ORCH_TLS_CERT_FILE": "c.pem"}, "tls.cert_file and tls.key_file must be set together"),
+        ({"ORCH_TLS_CERT_FILE": "c.pem", "ORCH_TLS_KEY_FILE": "k.pem"}, "tls.ca_file must be set with tls.cert_file"),
+        ({"ORCH_TLS_CLIENT_CA_FILE": "/nonexistent/ca.pem"}, "tls.client_ca_file needs tls.cert_file"),
+        ({"ORCH_TLS_CA_FILE": "/nonexistent/ca.pem"}, "tls.ca_file: no such file '/nonexistent/ca.pem'"),
     ],
 )
 def test_bad_values_are_reported(env: dict[str, str], problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env=env)
     assert any(problem in p for p in info.value.problems), info.value.problems
+
+
+def test_plaintext_off_loopback_needs_an_explicit_allow_insecure() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        load_config(env={"ORCH_POST_HOST": host})
+    assert load_config(env={"ORCH_POST_HOST": "0.0.0.0", "ORCH_TLS_ALLOW_INSECURE": "1"}).post.host == "0.0.0.0"
+
+
+def test_a_stage_name_in_tls_file_names_is_its_own() -> None:
+    env = {"ORCH_TLS_CERT_FILE": "/certs/{stage}.pem", "ORCH_TLS_KEY_FILE": "/keys/{stage}.key"}
+    tls = load_config(env=env | {"ORCH_TLS_CA_FILE": __file__}).tls
+    assert tls.enabled and tls.files("post") == ("/certs/post.pem", "/keys/post.key")
 
 
 def test_bad_toml_is_reported(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import compose
 import pytest
 
-from orchestrator.core.config import load_config
+from orchestrator.core.config import ConfigError, load_config
 from orchestrator.core.graph import CALLEE, STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("passed") == 11
+    assert done.stdout.count("passed") == 16
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the kustomization offline")
@@ -121,8 +121,18 @@ def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
         env = {e["name"]: e["value"] for e in container["env"]}
         port = cfg.stage(stage).port
         assert container["args"] == ["stage", stage]
-        assert container["readinessProbe"]["grpc"] == {"port": port}
-        assert container["livenessProbe"]["grpc"] == {"port": port, "service": "orchestrator.liveness"}
+        health = int(env[f"ORCH_{stage.upper()}_HEALTH_PORT"])  # plaintext health only: the kubelet has no TLS
+        assert health != port
+        assert container["readinessProbe"]["grpc"] == {"port": health}
+        assert container["livenessProbe"]["grpc"] == {"port": health, "service": "orchestrator.liveness"}
+        # Mutual TLS from the stage's own Secret, mounted read-only; the config these settings make is valid.
+        (mount,) = container["volumeMounts"]
+        (volume,) = pod["volumes"]
+        assert volume["secret"]["secretName"] == f"orchestrator-{stage}-tls" and mount["readOnly"] is True
+        assert all(env[f"ORCH_TLS_{k}_FILE"].startswith(mount["mountPath"]) for k in ("CERT", "KEY", "CA"))
+        with pytest.raises(ConfigError) as info:  # only because the Secret's files are not on this machine
+            load_config(ROOT / "pipeline.toml", env=env)
+        assert all("no such file" in p for p in info.value.problems), info.value.problems
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert "limits" in container["resources"] and "requests" in container["resources"]
@@ -130,3 +140,20 @@ def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
             callee = CALLEE[stage]
             assert env[f"ORCH_{callee.upper()}_REPLICAS"] == f"{callee}-0.{callee}:{cfg.stage(callee).port}"
         assert pod["terminationGracePeriodSeconds"] > cfg.server.drain_grace_s
+
+
+def test_network_policies_admit_only_the_chain() -> None:
+    policies = {d["metadata"]["name"]: d["spec"] for d in k8s_documents() if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == set(STAGES)
+    callers = {callee: caller for caller, callee in CALLEE.items()}
+    for stage, spec in policies.items():
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == stage
+        grpc_rules = [r for r in spec["ingress"] if {"port": "grpc"} in r.get("ports", [])]
+        (rule,) = grpc_rules
+        if stage in callers:  # from the stage that calls it, and nothing else
+            (peer,) = rule["from"]
+            assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == callers[stage]
+        else:  # the edge: clients from anywhere
+            assert "from" not in rule
+        metrics = [r for r in spec["ingress"] if {"port": "metrics"} in r.get("ports", [])]
+        assert metrics and all("from" in r for r in metrics)

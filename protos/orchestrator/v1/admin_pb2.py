@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/admin.proto\x12\x0forchestrator.v1\"\x0f\n\rReloadRequest\" \n\x0eReloadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x89\x01\n\x0bQueueStatus\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\r\x12\x17\n\x0f\x63oncurrency_max\x18\x05 \x01(\r\x12\x19\n\x11max_queue_wait_ms\x18\x06 \x01(\r\"j\n\x08\x43ounters\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x04\x12\x0c\n\x04shed\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x0f\n\x07invalid\x18\x06 \x01(\x04\"n\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\r\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x04\x12&\n\x1elast_generation_end_unix_nanos\x18\x04 \x01(\x03\"\xab\x01\n\x11GetStatusResponse\x12\r\n\x05stage\x18\x01 \x01(\t\x12+\n\x05queue\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.QueueStatus\x12+\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x19.orchestrator.v1.Counters\x12-\n\x06worker\x18\x04 \x01(\x0b\x32\x1d.orchestrator.v1.WorkerStatus2\xad\x01\n\x0c\x41\x64minService\x12R\n\tGetStatus\x12!.orchestrator.v1.GetStatusRequest\x1a\".orchestrator.v1.GetStatusResponse\x12I\n\x06Reload\x12\x1e.orchestrator.v1.ReloadRequest\x1a\x1f.orchestrator.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/admin.proto\x12\x0forchestrator.v1\"\x0f\n\rReloadRequest\" \n\x0eReloadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x89\x01\n\x0bQueueStatus\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\r\x12\x17\n\x0f\x63oncurrency_max\x18\x05 \x01(\r\x12\x19\n\x11max_queue_wait_ms\x18\x06 \x01(\r\"\x90\x01\n\x08\x43ounters\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x04\x12\x0c\n\x04shed\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x0f\n\x07invalid\x18\x06 \x01(\x04\x12\x0e\n\x06\x64\x65nied\x18\x07 \x01(\x04\x12\x14\n\x0crate_limited\x18\x08 \x01(\x04\"n\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\r\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x04\x12&\n\x1elast_generation_end_unix_nanos\x18\x04 \x01(\x03\"\xab\x01\n\x11GetStatusResponse\x12\r\n\x05stage\x18\x01 \x01(\t\x12+\n\x05queue\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.QueueStatus\x12+\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x19.orchestrator.v1.Counters\x12-\n\x06worker\x18\x04 \x01(\x0b\x32\x1d.orchestrator.v1.WorkerStatus2\xad\x01\n\x0c\x41\x64minService\x12R\n\tGetStatus\x12!.orchestrator.v1.GetStatusRequest\x1a\".orchestrator.v1.GetStatusResponse\x12I\n\x06Reload\x12\x1e.orchestrator.v1.ReloadRequest\x1a\x1f.orchestrator.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_end=117
   _globals['_QUEUESTATUS']._serialized_start=120
   _globals['_QUEUESTATUS']._serialized_end=257
-  _globals['_COUNTERS']._serialized_start=259
-  _globals['_COUNTERS']._serialized_end=365
-  _globals['_WORKERSTATUS']._serialized_start=367
-  _globals['_WORKERSTATUS']._serialized_end=477
-  _globals['_GETSTATUSRESPONSE']._serialized_start=480
-  _globals['_GETSTATUSRESPONSE']._serialized_end=651
-  _globals['_ADMINSERVICE']._serialized_start=654
-  _globals['_ADMINSERVICE']._serialized_end=827
+  _globals['_COUNTERS']._serialized_start=260
+  _globals['_COUNTERS']._serialized_end=404
+  _globals['_WORKERSTATUS']._serialized_start=406
+  _globals['_WORKERSTATUS']._serialized_end=516
+  _globals['_GETSTATUSRESPONSE']._serialized_start=519
+  _globals['_GETSTATUSRESPONSE']._serialized_end=690
+  _globals['_ADMINSERVICE']._serialized_start=693
+  _globals['_ADMINSERVICE']._serialized_end=866
 # @@protoc_insertion_point(module_scope)

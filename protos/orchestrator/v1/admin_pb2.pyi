@@ -36,20 +36,24 @@ class QueueStatus(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., concurrency: _Optional[int] = ..., waiting: _Optional[int] = ..., active: _Optional[int] = ..., concurrency_max: _Optional[int] = ..., max_queue_wait_ms: _Optional[int] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("admitted", "shed", "ok", "failed", "cancelled", "invalid")
+    __slots__ = ("admitted", "shed", "ok", "failed", "cancelled", "invalid", "denied", "rate_limited")
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     SHED_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITED_FIELD_NUMBER: _ClassVar[int]
     admitted: int
     shed: int
     ok: int
     failed: int
     cancelled: int
     invalid: int
-    def __init__(self, admitted: _Optional[int] = ..., shed: _Optional[int] = ..., ok: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., invalid: _Optional[int] = ...) -> None: ...
+    denied: int
+    rate_limited: int
+    def __init__(self, admitted: _Optional[int] = ..., shed: _Optional[int] = ..., ok: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., invalid: _Optional[int] = ..., denied: _Optional[int] = ..., rate_limited: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("name", "active", "tokens_generated", "last_generation_end_unix_nanos")

@@ -6,7 +6,8 @@ The runtime sees only these protocols, so a transport is added without touching 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import grpc
@@ -15,6 +16,13 @@ from orchestrator.core.config import NetworkConfig, ServerConfig
 from orchestrator.v1 import types_pb2
 
 Metadata = Sequence[tuple[str, str]]
+
+# The call metadata that carries a request's tenant from stage to stage. The edge never reads it from a client: it
+# sets it from the API key the client showed.
+TENANT_KEY = "orchestrator-tenant"
+# The tenant of the request the current task serves ("" without keys): set by the runtime as a call is accepted,
+# sent on with every call to the next stage.
+TENANT: ContextVar[str] = ContextVar("orchestrator_tenant", default="")
 
 Options = tuple[tuple[str, Any], ...]
 
@@ -94,6 +102,10 @@ class CallContext(Protocol):
     """
 
     def invocation_metadata(self) -> Any: ...
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
+        """What TLS established about the caller (``x509_subject_alternative_name``, ...); empty in plaintext."""
+        ...
 
     def time_remaining(self) -> float | None: ...
 

@@ -18,6 +18,9 @@ from orchestrator.core.graph import STAGES
 
 ENV_PREFIX = "ORCH"
 CONFIG_ENV = "ORCH_CONFIG"
+# Read by the clients (orchestrator-client, orchestrator status), not by the stages: a shell that sets them for a
+# client may start a stage too.
+CLIENT_ENV = frozenset({"ORCH_TARGET", "ORCH_TOKEN"})
 DEFAULT_PROMPT_TEMPLATE = "Answer the question from the context.\nContext:\n{context}\nQuestion: {input}\nAnswer:"
 # What the prompt template gets as its context when no document fits.
 NO_CONTEXT = "(none)"
@@ -64,6 +67,9 @@ class StageConfig:
     metrics_port: int = _metrics_port(-1)
     max_queue_wait_ms: float = _f(1000.0, "longest a request waits for a slot; one that would wait longer is shed")
     adaptive_limit: bool = _adaptive_limit(False)
+    health_port: int = _f(
+        -1, "also serve grpc.health.v1 alone, in plaintext, here: for probes that cannot do TLS (-1: off)"
+    )
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -84,6 +90,8 @@ class StageConfig:
             out.append(f"{name}.max_queue_wait_ms must be > 0")
         if not -1 <= self.metrics_port <= 65535:
             out.append(f"{name}.metrics_port must be in -1..65535, got {self.metrics_port}")
+        if not -1 <= self.health_port <= 65535:
+            out.append(f"{name}.health_port must be in -1..65535, got {self.health_port}")
         for replica in self.replicas:
             host, sep, port = replica.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
@@ -266,6 +274,7 @@ class ServerConfig:
     max_pending_calls: int = _f(
         8192, "calls gRPC holds for a stage before its code picks them up; a burst up to this size is answered in full"
     )
+    reflection: bool = _f(True, "serve gRPC server reflection (v1 and v1alpha) on every stage")
 
 
 @dataclass(frozen=True)
@@ -295,10 +304,103 @@ class NetworkConfig:
         return out
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Transport security on every hop. Off by default: plaintext, which is allowed on loopback only.
+
+    ``{stage}`` in a file name is replaced by the stage's name, so one config serves every stage."""
+
+    cert_file: str = _f(
+        "", "this stage's certificate chain (PEM), served to its callers and shown to its callee; empty: plaintext"
+    )
+    key_file: str = _f("", "the certificate's private key (PEM)")
+    ca_file: str = _f(
+        "",
+        "CA that signs the stages' certificates: a caller checks its callee with it, and every stage but the "
+        "edge accepts only callers holding a certificate it signed (mutual TLS)",
+    )
+    client_ca_file: str = _f("", "CA that signs the edge's clients' certificates; if set, a client must show one")
+    check_names: bool = _f(
+        True, "a callee's certificate must name its stage (DNS SAN), and a caller's must name the calling stage"
+    )
+    allow_insecure: bool = _f(False, "serve plaintext on an interface that is not loopback (trusted networks only)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def files(self, stage: str) -> tuple[str, str]:
+        """This stage's certificate and key file."""
+        return self.cert_file.replace("{stage}", stage), self.key_file.replace("{stage}", stage)
+
+    def problems(self, hosts: Mapping[str, str]) -> list[str]:
+        out = []
+        if bool(self.cert_file) != bool(self.key_file):
+            out.append("tls.cert_file and tls.key_file must be set together")
+        if self.cert_file and not self.ca_file:
+            out.append("tls.ca_file must be set with tls.cert_file: stages check each other with it")
+        if self.client_ca_file and not self.cert_file:
+            out.append("tls.client_ca_file needs tls.cert_file (mutual TLS is TLS)")
+        for name in ("ca_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                out.append(f"tls.{name}: no such file {path!r}")
+        if not self.enabled and not self.allow_insecure:
+            for stage, host in hosts.items():
+                if not is_loopback(host):
+                    out.append(
+                        f"{stage}.host {host!r} is not loopback and TLS is off: set tls.cert_file, tls.key_file "
+                        "and tls.ca_file, or tls.allow_insecure = true on a network you trust"
+                    )
+        return out
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call. With ``keys_file``, the edge serves only requests carrying a known API key
+    (``authorization: Bearer <key>``), each key naming a tenant, and every stage's AdminService only admin keys.
+    Without it, anyone who reaches the edge may call it, and AdminService answers callers on this machine only."""
+
+    keys_file: str = _f(
+        "", "API keys: JSON Lines of tenant, sha256 of the key, role (client or admin) and limits; re-read on change"
+    )
+
+    def problems(self) -> list[str]:
+        if self.keys_file and not Path(self.keys_file).is_file():
+            return [f"auth.keys_file: no such file {self.keys_file!r}"]
+        return []
+
+
+@dataclass(frozen=True)
+class TenantsConfig:
+    """Each tenant's share of the edge, unless its key sets its own (0: no limit)."""
+
+    rate: float = _f(0.0, "requests a second a tenant may start (a token bucket; 0: no limit)")
+    burst: int = _f(0, "requests a tenant may start at once above its rate (0: one second's worth)")
+    max_streams: int = _f(0, "streams a tenant may have open at once (0: no limit)")
+    max_tracked: int = _f(1000, "tenants tracked at once; the idlest is forgotten when more arrive")
+
+    def problems(self) -> list[str]:
+        out = [f"tenants.{f.name} must be >= 0" for f in dataclasses.fields(self) if getattr(self, f.name) < 0]
+        if self.max_tracked < 1:
+            out.append("tenants.max_tracked must be >= 1")
+        return out
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rag: RagConfig = field(default_factory=RagConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
@@ -314,6 +416,8 @@ class MeshConfig:
     def problems(self) -> list[str]:
         out = [p for name in STAGES for p in self.stage(name).problems(name)]
         out += self._server_problems() + self._limits_problems() + self.network.problems()
+        out += self.tls.problems({name: self.stage(name).host for name in STAGES})
+        out += self.auth.problems() + self.tenants.problems()
         return out
 
     def _server_problems(self) -> list[str]:
@@ -521,7 +625,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError([f"{path}: no such file"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    known = {s.env for s in settings()} | {CONFIG_ENV}
+    known = {s.env for s in settings()} | {CONFIG_ENV} | CLIENT_ENV
     for name in env:
         if name.startswith(ENV_PREFIX + "_") and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)

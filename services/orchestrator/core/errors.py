@@ -19,6 +19,9 @@ __all__ = [
     "OrchestratorError",
     "OtherError",
     "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
+    "Unauthenticated",
     "WireStatus",
     "decode_status",  # the wire convention itself lives with the protocol (orchestrator.v1.status)
     "from_rpc_error",
@@ -62,6 +65,28 @@ class Overloaded(OrchestratorError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
+
+
+class RateLimited(OrchestratorError):
+    """A tenant is over its request rate or its concurrent streams: refused before any work, with a retry hint.
+    Distinct from ``Overloaded``: the mesh has room, this tenant has used its share."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+
+class Unauthenticated(OrchestratorError):
+    """No credentials, or credentials the mesh does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(OrchestratorError):
+    """Known credentials, for something they do not allow."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class ChannelClosed(OrchestratorError):
@@ -110,6 +135,9 @@ _BY_REASON: dict[str, type[OrchestratorError]] = {
     for cls in (
         InvalidRequest,
         Overloaded,
+        RateLimited,
+        Unauthenticated,
+        PermissionDenied,
         ChannelClosed,
         CircuitOpen,
         DeadlineExceeded,

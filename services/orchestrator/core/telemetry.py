@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
 # How a request can end at a stage (the ``outcome`` label). ``shed_below``: shed by a stage further down and
-# passed through this one (only the stage that shed counts ``shed``).
-OUTCOMES = ("ok", "invalid", "shed", "shed_below", "cancelled", "deadline", "error")
+# passed through this one (only the stage that shed counts ``shed``). ``denied``: wrong or missing credentials, or
+# a caller this stage does not serve; ``rate_limited``: a tenant over its own limits.
+OUTCOMES = ("ok", "invalid", "denied", "rate_limited", "shed", "shed_below", "cancelled", "deadline", "error")
 # Why a stage shed: its queue was full, the wait a request could expect was over the bound (or its deadline),
 # or a waiter waited the longest it may.
 SHED_REASONS = ("queue_full", "expected_wait", "queue_wait")
 LINK_SIDES = ("caller", "callee")
+# Tenants are named by the keys file, which an operator writes; still, a label's values stay bounded.
+MAX_TENANT_LABELS = 100
 # Latency buckets from 0.5 ms to 60 s: stage hops are sub-millisecond, generations take seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -51,8 +54,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "requests_total",
         "counter",
-        "Requests by stage and outcome (ok, invalid, shed, shed_below, cancelled, deadline, error).",
+        f"Requests by stage and outcome ({', '.join(OUTCOMES)}).",
         ("stage", "outcome"),
+    ),
+    MetricSpec(
+        "tenant_requests_total",
+        "counter",
+        f"Requests at the edge by tenant (from the API keys; at most {MAX_TENANT_LABELS}, then 'other') and outcome.",
+        ("tenant", "outcome"),
     ),
     MetricSpec("shed_total", "counter", "Requests shed, by stage and reason.", ("stage", "reason")),
     MetricSpec(
@@ -174,6 +183,7 @@ class Telemetry:
         self.metrics = metrics or Metrics()
         self._propagator = get_global_textmap()
         self._shutdown_hooks = list(shutdown_hooks)
+        self._tenants: set[str] = set()
 
     # -- spans ---------------------------------------------------------------------------------
 
@@ -259,6 +269,16 @@ class Telemetry:
         """Called once per request when a stage is done with it."""
         self.metrics.observe("stage_latency_seconds", (stage, outcome), seconds)
         self.metrics.inc("requests_total", (stage, outcome))
+
+    def record_tenant(self, tenant: str, outcome: str) -> None:
+        """Called at the edge once per request of a known tenant."""
+        seen = self._tenants
+        if tenant not in seen:
+            if len(seen) >= MAX_TENANT_LABELS:
+                tenant = "other"
+            else:
+                seen.add(tenant)
+        self.metrics.inc("tenant_requests_total", (tenant, outcome))
 
     def record_shed(self, stage: str, reason: str) -> None:
         """Called for every request a stage sheds."""

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from orchestrator.core.calls import Call, CallContext, Transport
+from orchestrator.core.calls import TENANT, TENANT_KEY, Call, CallContext, Transport
 from orchestrator.core.errors import ChannelClosed, DeadlineExceeded, OrchestratorError, from_rpc_error
 from orchestrator.core.telemetry import Telemetry, mark_span
 from orchestrator.runtime.replicas import Replicas, Waiting
@@ -104,6 +104,9 @@ class Downstream(Generic[T]):
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
         span, metadata = self._telemetry.client_span(self.rpc)
+        tenant = TENANT.get()
+        if tenant:
+            metadata = (*metadata, (TENANT_KEY, tenant))
         span.set_attribute("net.peer.name", addr)
         call = self.replicas.transports[addr](request, timeout=timeout, metadata=metadata or None)
         task = asyncio.current_task() if context is not None else None

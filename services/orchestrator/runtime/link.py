@@ -118,9 +118,15 @@ class _Outbox:
 class LinkContext:
     """What a stage handler may ask of its context, for a call that arrived over a link."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...], timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        metadata: tuple[tuple[str, str], ...],
+        timeout_s: float | None,
+        auth: Mapping[str, Sequence[bytes]] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._metadata = metadata
+        self._auth = auth or {}
         self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
         self.code = grpc.StatusCode.OK
         self.details = ""
@@ -128,6 +134,10 @@ class LinkContext:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
+        """The link's: every call on a link comes from the peer that opened it."""
+        return self._auth
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
@@ -198,6 +208,7 @@ class LinkServicer:
     ) -> AsyncIterator[link_pb2.LinkFrames]:
         calls: dict[int, _ServedCall] = {}
         outbox = _Outbox(calls, "callee", self._telemetry, self._max_message_bytes)
+        auth = context.auth_context()
         corrupt = False
 
         async def read() -> None:
@@ -208,7 +219,7 @@ class LinkServicer:
                         corrupt = True
                         return
                     for frame in frames.frames:
-                        self._on_frame(frame, calls, outbox)
+                        self._on_frame(frame, calls, outbox, auth)
             finally:
                 # The caller closed its side, went away or sent garbage: nothing more will arrive for any
                 # call, so the batches end and the calls still running are cancelled below.
@@ -236,7 +247,13 @@ class LinkServicer:
             self._telemetry.record_stage_latency(self._stage, 0.0, "invalid")
         to_status(err).set_on(context)
 
-    def _on_frame(self, frame: link_pb2.LinkFrame, calls: dict[int, _ServedCall], outbox: _Outbox) -> None:
+    def _on_frame(
+        self,
+        frame: link_pb2.LinkFrame,
+        calls: dict[int, _ServedCall],
+        outbox: _Outbox,
+        auth: Mapping[str, Sequence[bytes]],
+    ) -> None:
         kind = frame.WhichOneof("kind")
         call = calls.get(frame.call_id)
         if kind == "call":
@@ -244,7 +261,7 @@ class LinkServicer:
                 log.warning("link: call id %d reused while in flight; ignored", frame.call_id)
                 return
             call = calls[frame.call_id] = _ServedCall(frame.call_id)
-            call.task = asyncio.create_task(self._run(call, frame.call, calls, outbox))
+            call.task = asyncio.create_task(self._run(call, frame.call, calls, outbox, auth))
         elif call is None:
             return  # the call already ended; its cancel or credit crossed the status
         elif kind == "cancel":
@@ -255,10 +272,15 @@ class LinkServicer:
             call.credit_granted.set()
 
     async def _run(
-        self, call: _ServedCall, start: link_pb2.LinkCall, calls: dict[int, _ServedCall], outbox: _Outbox
+        self,
+        call: _ServedCall,
+        start: link_pb2.LinkCall,
+        calls: dict[int, _ServedCall],
+        outbox: _Outbox,
+        auth: Mapping[str, Sequence[bytes]],
     ) -> None:
         timeout_s = start.timeout_us / 1e6 if start.timeout_us else None
-        context = LinkContext(tuple(start.metadata.items()), timeout_s)
+        context = LinkContext(tuple(start.metadata.items()), timeout_s, auth)
         timer = None
         if timeout_s is not None:
             timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline, call)

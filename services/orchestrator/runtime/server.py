@@ -20,10 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from orchestrator.core.config import ConfigError, MeshConfig, load_config
-from orchestrator.core.errors import WireStatus
+from orchestrator.core.errors import OrchestratorError, PermissionDenied, WireStatus, to_status
+from orchestrator.core.graph import STAGES
 from orchestrator.core.telemetry import Telemetry, build_telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.reflection import add_reflection
+from orchestrator.runtime.security import CertificateFiles, certificate_names
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
@@ -56,6 +58,10 @@ class StageApp:
     services: Sequence[Service]
     # gRPC server options (message size limits).
     options: Sequence[tuple[str, Any]] = ()
+    # What the stage serves over TLS (None: plaintext).
+    certificates: CertificateFiles | None = None
+    # Serve gRPC reflection.
+    reflection: bool = True
     # The calls this stage makes to the next one (None for the first stage of the chain).
     downstream: Downstream[Any] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -87,9 +93,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._app = app
         self.reload_config = reload_config
 
+    def _authorize(self, context: grpc.aio.ServicerContext) -> bool:
+        """Admin keys only when the process has keys. Without keys: callers on this machine, and callers whose
+        certificate (checked by mutual TLS) names a stage of the mesh, as operator tools show the edge's. Sets the
+        status and returns False for anyone else."""
+        stage = self._app.name
+        keys = self._app.runtime.keys
+        try:
+            if keys is not None:
+                keys.authenticate(context.invocation_metadata() or (), stage, admin=True)
+            elif not _local(context.peer()) and not (certificate_names(context.auth_context()) & set(STAGES)):
+                raise PermissionDenied(
+                    f"the {stage} stage's admin service answers this machine and the mesh's certificates only "
+                    "(auth.keys_file adds admin keys)",
+                    stage=stage,
+                )
+        except OrchestratorError as err:
+            to_status(err).set_on(context)
+            return False
+        return True
+
     async def Reload(
         self, request: admin_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ReloadResponse:
+        if not self._authorize(context):
+            return admin_pb2.ReloadResponse()
         load = self.reload_config
         if self._app.reload is None or load is None:
             status = WireStatus(grpc.StatusCode.UNIMPLEMENTED, f"the {self._app.name} stage has nothing to reload")
@@ -104,10 +132,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
+        if not self._authorize(context):
+            return admin_pb2.GetStatusResponse()
         out = self._app.runtime.status()
         if self._app.worker_status is not None:
             out.worker.CopyFrom(self._app.worker_status())
         return out
+
+
+def _local(peer: str) -> bool:
+    """Whether a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) is this machine."""
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    return (kind == "ipv4" and host.startswith("127.")) or (kind == "ipv6" and host in ("::1", "::ffff:127.0.0.1"))
 
 
 async def reload_app(app: StageApp, load: Callable[[], MeshConfig]) -> str:
@@ -127,6 +166,9 @@ class RunningStage:
     address: str
     admin: AdminServicer
     metrics_address: str = ""
+    # The plaintext health-only listener, if any (probes that cannot do TLS).
+    health_server: grpc.aio.Server | None = None
+    health_address: str = ""
     draining: bool = False
     _metrics_server: Any = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -141,7 +183,12 @@ class RunningStage:
         self._spawn(self.set_serving(serving))
 
     def reload_in_background(self) -> None:
-        """SIGHUP: reload without blocking the signal handler; a bad config keeps the current worker."""
+        """SIGHUP: read the TLS files again (the next connection gets them) and reload the worker, without
+        blocking the signal handler; a bad config keeps the current worker."""
+        if self.app.certificates is not None:
+            self.app.certificates.reload()
+        if self.app.runtime.keys is not None:
+            self.app.runtime.keys.reload(force=True)
         load = self.admin.reload_config
         if self.app.reload is None or load is None:
             return
@@ -181,6 +228,8 @@ class RunningStage:
                 "stage=%s grace period over with %d requests in flight", self.app.name, self.app.runtime.in_flight
             )
         await self.server.stop(max(0.0, deadline - loop.time()))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.app.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -200,18 +249,27 @@ def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
     return grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Sequence[str], reflection: bool = True
+) -> health.aio.HealthServicer:
     """The stock async health service, and reflection (v1 and v1alpha) over ``service_names``, health and admin."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    add_reflection(server, (*service_names, ADMIN_SERVICE, health.SERVICE_NAME))
+    if reflection:
+        add_reflection(server, (*service_names, ADMIN_SERVICE, health.SERVICE_NAME))
     return health_servicer
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> str:
-    """Listen on ``host:port`` (0: a free port) and return the real address, or raise OSError saying why not."""
+def bind(
+    server: grpc.aio.Server, host: str, port: int, what: str, credentials: grpc.ServerCredentials | None = None
+) -> str:
+    """Listen on ``host:port`` (0: a free port), over TLS with ``credentials``, and return the real address, or
+    raise OSError saying why not."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError as exc:
         raise OSError(f"{what} cannot listen on {host}:{port}: {exc}") from None
     if bound == 0:
@@ -239,19 +297,27 @@ def load_config_or_report(path: str | None, prog: str) -> MeshConfig | None:
         return None
 
 
-async def start_stage(app: StageApp, host: str, port: int) -> RunningStage:
-    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned)."""
+async def start_stage(app: StageApp, host: str, port: int, health_port: int = -1) -> RunningStage:
+    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned), and grpc.health.v1
+    alone in plaintext on ``health_port`` unless it is -1."""
     server = new_server(app.options)
     for service in app.services:
         service.add(server)
     admin = AdminServicer(app)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    health_servicer = add_health_and_reflection(server, app.service_names)
-    address = bind(server, host, port, f"{app.name} stage")
+    health_servicer = add_health_and_reflection(server, app.service_names, app.reflection)
+    credentials = app.certificates.credentials() if app.certificates is not None else None
+    address = bind(server, host, port, f"{app.name} stage", credentials)
     await server.start()
     running = RunningStage(app, server, health_servicer, address, admin)
     await running.set_serving(True)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    if health_port >= 0:
+        # The same health servicer, so both listeners always report the same status; nothing else is served here.
+        running.health_server = new_server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        running.health_address = bind(running.health_server, host, health_port, f"{app.name} stage's health")
+        await running.health_server.start()
     app.readiness_listener = running.set_serving_soon
     return running
 
@@ -269,9 +335,15 @@ def settle_gc(full_every: int) -> None:
     gc.set_threshold(young, middle, full_every)
 
 
-def write_ready_file(path: str, stage: str, address: str, metrics_address: str = "") -> None:
+def write_ready_file(path: str, stage: str, address: str, metrics_address: str = "", health_address: str = "") -> None:
     """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
-    info = {"stage": stage, "address": address, "metrics_address": metrics_address, "pid": os.getpid()}
+    info = {
+        "stage": stage,
+        "address": address,
+        "metrics_address": metrics_address,
+        "health_address": health_address,
+        "pid": os.getpid(),
+    }
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
@@ -287,15 +359,22 @@ async def serve(
     """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
     stage_cfg = cfg.stage(name)
     app = build(cfg, build_telemetry(name))
-    running = await start_stage(app, stage_cfg.host, stage_cfg.port)
+    running = await start_stage(app, stage_cfg.host, stage_cfg.port, stage_cfg.health_port)
     if stage_cfg.metrics_port >= 0:
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
     settle_gc(cfg.server.gc_full_every)
-    log.info("stage=%s listening on %s (metrics %s)", app.name, running.address, running.metrics_address or "off")
+    log.info(
+        "stage=%s listening on %s over %s (metrics %s, health %s)",
+        app.name,
+        running.address,
+        "TLS" if app.certificates is not None else "plaintext",
+        running.metrics_address or "off",
+        running.health_address or "on the stage's port only",
+    )
     if ready_file:
-        write_ready_file(ready_file, app.name, running.address, running.metrics_address)
+        write_ready_file(ready_file, app.name, running.address, running.metrics_address, running.health_address)
     running.admin.reload_config = lambda: load_config(config_path)
-    await wait_for_stop_signal(running.reload_in_background if app.reload is not None else None)
+    await wait_for_stop_signal(running.reload_in_background)
     log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
     await running.stop(cfg.server.drain_grace_s)
     log.info("stage=%s stopped", app.name)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -15,13 +15,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from orchestrator.core.calls import CallContext
+from orchestrator.core.calls import TENANT, TENANT_KEY, CallContext
 from orchestrator.core.config import LimitsConfig, MeshConfig
 from orchestrator.core.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
+from orchestrator.core.graph import EDGE
 from orchestrator.core.requests import Undecodable, normalize_request
 from orchestrator.core.scope import Scope
 from orchestrator.core.telemetry import Telemetry, mark_span
 from orchestrator.runtime.admission import Admission, Limiter, Slot
+from orchestrator.runtime.security import PeerCheck
+from orchestrator.runtime.tenants import EdgeGate, KeyRing, TenantLimits
 from orchestrator.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ class Outcomes:
     invalid: int = 0
     failed: int = 0
     cancelled: int = 0
+    denied: int = 0
+    rate_limited: int = 0
 
 
 @dataclass
@@ -63,6 +68,14 @@ class _Summary:
         return due
 
 
+def _tenant_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The tenant the calling stage sent on (see ``TENANT_KEY``)."""
+    for name, value in metadata or ():
+        if name == TENANT_KEY and isinstance(value, str):
+            return value
+    return ""
+
+
 class StageRuntime:
     """Everything a stage servicer shares with the other four."""
 
@@ -78,6 +91,9 @@ class StageRuntime:
         record_input: bool = False,
         max_queue_wait_s: float = math.inf,
         adaptive: bool = False,
+        peers: PeerCheck | None = None,
+        gate: EdgeGate | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.stage = stage
         self.rpc = rpc or stage
@@ -89,19 +105,34 @@ class StageRuntime:
         self.admission = Admission(
             stage, capacity, concurrency, self.telemetry, max_queue_wait_s=max_queue_wait_s, limiter=limiter
         )
+        # Under mutual TLS: only the stage that calls this one in the graph may.
+        self.peers = peers if peers is not None and peers.active else None
+        # At the edge: API keys and each tenant's share. Below it, the tenant comes with the call.
+        self.gate = gate
+        # The API keys this process knows (None: no keys file), for the edge and the admin service.
+        self.keys = keys
         self.outcomes = Outcomes()
         self.draining = False
-        self._summaries = {"shed": _Summary(), "invalid": _Summary()}
+        self._summaries = {k: _Summary() for k in ("shed", "invalid", "denied", "rate_limited")}
         self._in_flight = 0
         self._idle = asyncio.Event()
         self.telemetry.init_stage(stage, capacity, concurrency)
 
     @classmethod
     def for_stage(
-        cls, stage: str, cfg: MeshConfig, telemetry: Telemetry, rpc: str = "", *, record_input: bool = False
+        cls,
+        stage: str,
+        cfg: MeshConfig,
+        telemetry: Telemetry,
+        rpc: str = "",
+        *,
+        record_input: bool = False,
+        keys: KeyRing | None = None,
     ) -> StageRuntime:
-        """The runtime of ``stage`` with its queue capacity and concurrency from ``cfg``."""
+        """The runtime of ``stage`` with its queue capacity and concurrency from ``cfg``; the edge checks ``keys``
+        and the tenants' limits."""
         own = cfg.stage(stage)
+        gate = EdgeGate(stage, keys, TenantLimits(cfg.tenants)) if stage == EDGE else None
         return cls(
             stage,
             capacity=own.queue_capacity,
@@ -112,6 +143,9 @@ class StageRuntime:
             record_input=record_input,
             max_queue_wait_s=own.max_queue_wait_ms / 1000,
             adaptive=own.adaptive_limit,
+            peers=PeerCheck(cfg.tls, stage),
+            gate=gate,
+            keys=keys,
         )
 
     @property
@@ -147,10 +181,11 @@ class StageRuntime:
         slot: Slot | None = None
         outcome = "error"
         request_id = ""
+        entered: str | None = None  # the tenant whose share this call holds at the edge
         self._track(+1)
         try:
             deadline_s = context.time_remaining()
-            request = self._accept(request, span, deadline_s)
+            request, entered = self._accept(request, context, span, deadline_s)
             request_id = request.request_id
             slot = await self.admission.acquire(deadline_s)
             scope = self._scope(request, slot, span)
@@ -169,8 +204,12 @@ class StageRuntime:
         finally:
             if slot is not None:
                 slot.release(self._queued_below(scope, outcome))
+            if entered is not None and self.gate is not None:
+                self.gate.leave(entered)
             self._track(-1)
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
+            if self.keys is not None and self.gate is not None and (tenant := TENANT.get()):
+                self.telemetry.record_tenant(tenant, outcome)
             self._close_span(span, token, outcome, scope)
 
     @staticmethod
@@ -220,18 +259,40 @@ class StageRuntime:
     # -- admission and accounting ------------------------------------------------------------------
 
     def _accept(
-        self, request: types_pb2.PromptRequest | Undecodable, span: Span, deadline_s: float | None
-    ) -> types_pb2.PromptRequest:
-        """Refuse a request this stage must not take, before any work: draining, overloaded, or invalid. A shed
-        is decided first: under overload it is the common answer, and the cheapest one."""
+        self,
+        request: types_pb2.PromptRequest | Undecodable,
+        context: CallContext,
+        span: Span,
+        deadline_s: float | None,
+    ) -> tuple[types_pb2.PromptRequest, str | None]:
+        """Refuse a request this stage must not take, before any work: draining, from a caller it does not
+        serve, over its tenant's share, overloaded, or invalid. A shed is decided before the request is read:
+        under overload it is the common answer, and the cheapest one. Returns the request, and the tenant whose
+        share it now holds (None: none held)."""
         if self.draining:
             # UNAVAILABLE before any message: the caller may retry on another replica.
             raise ChannelClosed(f"{self.stage} stage is shutting down", stage=self.stage)
-        self.admission.check(deadline_s)
-        request = normalize_request(request, self.limits)
+        if self.peers is not None:
+            self.peers.check(context.auth_context())
+        held = None
+        if self.gate is not None:
+            tenant, holds = self.gate.enter(context.invocation_metadata())
+            held = tenant if holds else None
+        else:
+            tenant = _tenant_of(context.invocation_metadata())
+        TENANT.set(tenant)
+        try:
+            self.admission.check(deadline_s)
+            request = normalize_request(request, self.limits)
+        except BaseException:
+            if held is not None and self.gate is not None:
+                self.gate.leave(held)
+            raise
         if span.is_recording():
             self._describe(span, request)
-        return request
+            if tenant:
+                span.set_attribute("orchestrator.tenant", tenant)
+        return request, held
 
     def _scope(self, request: types_pb2.PromptRequest, slot: Slot, span: Span) -> Scope:
         self.telemetry.record_queue_wait(self.stage, slot.queue_s)
@@ -307,6 +368,12 @@ class StageRuntime:
         if err.reason in ("CANCELLED", "DEADLINE_EXCEEDED"):
             self.outcomes.cancelled += 1
             return "deadline" if err.reason == "DEADLINE_EXCEEDED" else "cancelled"
+        if err.reason in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            self.outcomes.denied += 1
+            return "denied"
+        if err.reason == "RATE_LIMITED":
+            self.outcomes.rate_limited += 1
+            return "rate_limited"
         if err.reason == "INVALID_REQUEST":
             self.outcomes.invalid += 1
             return "invalid"
@@ -339,5 +406,7 @@ class StageRuntime:
                 failed=self.outcomes.failed,
                 cancelled=self.outcomes.cancelled,
                 invalid=self.outcomes.invalid,
+                denied=self.outcomes.denied,
+                rate_limited=self.outcomes.rate_limited,
             ),
         )

@@ -21,6 +21,7 @@ from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import LinkClient
 from orchestrator.runtime.replicas import Replicas
+from orchestrator.runtime.security import callee_name_options, channel_credentials
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
 
@@ -72,9 +73,16 @@ class LinkTransport(LinkClient[Any]):
         await self._channel.close()
 
 
-def connect(callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
-    """A transport to the replica of ``callee`` at ``address``, as ``cfg`` configures hops."""
-    channel = grpc.aio.insecure_channel(address, options=channel_options(cfg.server, cfg.network))
+def connect(caller: str, callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
+    """A transport from ``caller`` to the replica of ``callee`` at ``address``, as ``cfg`` configures hops:
+    mutual TLS when the mesh has certificates, each end checking the other's stage name."""
+    options = channel_options(cfg.server, cfg.network)
+    credentials = channel_credentials(cfg.tls, caller)
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(address, options=options)
+    else:
+        options += callee_name_options(cfg.tls, callee.name)
+        channel = grpc.aio.secure_channel(address, credentials, options=options)
     method = getattr(getattr(stages_pb2_grpc, f"{callee.service}Stub")(channel), callee.method)
     if cfg.server.stage_links:
         return LinkTransport(channel, callee, method, telemetry, cfg.server.max_message_bytes)
@@ -87,5 +95,5 @@ def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstr
         raise ValueError(f"the {caller} stage calls no other stage")
     callee = stage(CALLEE[caller])
     addresses: Sequence[str] = cfg.stage(callee.name).addresses()
-    transports = {addr: connect(callee, addr, cfg, telemetry) for addr in addresses}
+    transports = {addr: connect(caller, callee, addr, cfg, telemetry) for addr in addresses}
     return Downstream(Replicas(callee.name, transports, cfg.network, telemetry), callee.rpc, telemetry)

@@ -19,8 +19,10 @@ from orchestrator.core.requests import decode_request
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import link_service
+from orchestrator.runtime.security import server_certificates
 from orchestrator.runtime.server import Service, StageApp
 from orchestrator.runtime.stage import StageRuntime
+from orchestrator.runtime.tenants import KeyRing
 
 
 def module(name: str) -> ModuleType:
@@ -29,9 +31,10 @@ def module(name: str) -> ModuleType:
 
 
 def runtime_of(name: str, cfg: MeshConfig, telemetry: Telemetry) -> StageRuntime:
-    """The stage's runtime: its admission from config, its span name from the graph."""
+    """The stage's runtime: its admission from config, its span name from the graph, the API keys if any."""
     record_input = name == EDGE and cfg.server.trace_text
-    return StageRuntime.for_stage(name, cfg, telemetry, stage(name).rpc, record_input=record_input)
+    keys = KeyRing(cfg.auth.keys_file) if cfg.auth.keys_file else None
+    return StageRuntime.for_stage(name, cfg, telemetry, stage(name).rpc, record_input=record_input, keys=keys)
 
 
 def rpc_service(spec: Stage, handler: Handler) -> Service:
@@ -59,4 +62,5 @@ def app_of(
     links = link_service(handler, runtime.telemetry, stage=name, max_message_bytes=cfg.server.max_message_bytes)
     services = [rpc_service(spec, handler), links]
     options = server_options(cfg.server, cfg.network)
-    return StageApp(name, runtime, services, options=options, downstream=downstream, **extra)
+    certificates = server_certificates(cfg.tls, name)
+    return StageApp(name, runtime, services, options=options, certificates=certificates, downstream=downstream, **extra)
