@@ -93,7 +93,7 @@ def key(**limits: float) -> Key:
 
 def test_a_token_bucket_gives_a_burst_then_the_rate_with_a_retry_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(tenants.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("orchestrator.runtime.tenants.time.monotonic", lambda: now[0])
     limits = TenantLimits(TenantsConfig())
     k = key(rate=10.0, burst=3)
     for _ in range(3):

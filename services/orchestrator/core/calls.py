@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from orchestrator.core.config import NetworkConfig, ServerConfig
+from orchestrator.core.config import NetworkConfig, ServerConfig, StageConfig, StreamConfig
 from orchestrator.v1 import types_pb2
 
 Metadata = Sequence[tuple[str, str]]
@@ -92,6 +92,25 @@ def server_options(server: ServerConfig, network: NetworkConfig) -> Options:
         ("grpc.server.max_pending_requests", server.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * server.max_pending_calls),
     )
+
+
+def connection_limits(stage: StageConfig) -> Options:
+    """How many connections a stage accepts, and (at the edge, which faces clients) how long and how busy each may
+    be. Every connection costs gRPC ~20 KiB (measured on a bare grpc.aio server), so the bound is what keeps a
+    connection flood from costing the process its memory: a connection over it is refused (clients see
+    UNAVAILABLE), one idle too long is closed. Never an age limit between stages: a stage link lives as long as
+    its connection."""
+    out: list[tuple[str, Any]] = []
+    if stage.max_connections:
+        out.append(("grpc.max_allowed_incoming_connections", stage.max_connections))
+    if isinstance(stage, StreamConfig):
+        out.append(("grpc.max_concurrent_streams", stage.max_streams_per_connection))
+        if stage.max_connection_idle_s:
+            out.append(("grpc.max_connection_idle_ms", _ms(stage.max_connection_idle_s)))
+        if stage.max_connection_age_s:
+            out.append(("grpc.max_connection_age_ms", _ms(stage.max_connection_age_s)))
+            out.append(("grpc.max_connection_age_grace_ms", _ms(stage.max_connection_age_s)))
+    return tuple(out)
 
 
 class CallContext(Protocol):

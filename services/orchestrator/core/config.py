@@ -70,6 +70,7 @@ class StageConfig:
     health_port: int = _f(
         -1, "also serve grpc.health.v1 alone, in plaintext, here: for probes that cannot do TLS (-1: off)"
     )
+    max_connections: int = _f(0, "connections the stage accepts at once; one more is refused (0: no bound)")
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -92,6 +93,8 @@ class StageConfig:
             out.append(f"{name}.metrics_port must be in -1..65535, got {self.metrics_port}")
         if not -1 <= self.health_port <= 65535:
             out.append(f"{name}.health_port must be in -1..65535, got {self.health_port}")
+        if self.max_connections < 0:
+            out.append(f"{name}.max_connections must be >= 0")
         for replica in self.replicas:
             host, sep, port = replica.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
@@ -239,6 +242,20 @@ class StreamConfig(StageConfig):
     concurrency: int = _f(1024, "client streams served at most at once")
     adaptive_limit: bool = _adaptive_limit(True)
     log_sink: bool = _f(False, "also log each completion as 'session: text' (user data: off by default)")
+    max_connections: int = _f(1500, "client connections at once (~20 KiB each); one more is refused (0: no bound)")
+    max_connection_idle_s: float = _f(300.0, "a client connection with no call this long is closed (0: never)")
+    max_connection_age_s: float = _f(
+        0.0, "a client connection this old is asked to reconnect, e.g. to rebalance replicas (0: never)"
+    )
+    max_streams_per_connection: int = _f(4096, "streams one client connection may have open at once")
+
+    def problems(self, name: str) -> list[str]:
+        out = super().problems(name)
+        if self.max_connection_idle_s < 0 or self.max_connection_age_s < 0:
+            out.append(f"{name}.max_connection_idle_s and max_connection_age_s must be >= 0")
+        if self.max_streams_per_connection < 1:
+            out.append(f"{name}.max_streams_per_connection must be >= 1")
+        return out
 
 
 @dataclass(frozen=True)

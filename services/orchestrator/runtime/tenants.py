@@ -48,7 +48,7 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def key_line(key: str, tenant: str, role: str = "client", **limits: float) -> str:
+def key_line(key: str, tenant: str, role: str = "client", **limits: float | None) -> str:
     """The keys-file line for ``key`` (its hash, never the key)."""
     entry: dict[str, object] = {"tenant": tenant, "sha256": hashlib.sha256(key.encode()).hexdigest(), "role": role}
     entry.update({k: v for k, v in limits.items() if v is not None})

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from orchestrator.core.calls import Handler, server_options
+from orchestrator.core.calls import Handler, connection_limits, server_options
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.graph import EDGE, Stage, stage
 from orchestrator.core.requests import decode_request
@@ -61,6 +61,6 @@ def app_of(
     handler = getattr(servicer, spec.method)
     links = link_service(handler, runtime.telemetry, stage=name, max_message_bytes=cfg.server.max_message_bytes)
     services = [rpc_service(spec, handler), links]
-    options = server_options(cfg.server, cfg.network)
+    options = (*server_options(cfg.server, cfg.network), *connection_limits(cfg.stage(name)))
     certificates = server_certificates(cfg.tls, name)
     return StageApp(name, runtime, services, options=options, certificates=certificates, downstream=downstream, **extra)
