@@ -27,7 +27,7 @@ class Sample:
     ttfc_s: float | None  # time to first chunk
     total_s: float
     tokens: int
-    outcome: str  # ok | shed | error
+    outcome: str  # ok | shed | rate_limited | error
     queue_s: float = 0.0  # time waited for slots in all stages together (from the final chunk's timings)
 
 
@@ -45,7 +45,10 @@ async def run_one(submit: Submit, i: int) -> Sample:
                 tokens = chunk.completion.usage.completion_tokens
                 queue_s = sum(t.queue_ms for t in chunk.completion.timings) / 1000
     except OrchestratorRpcError as err:
-        outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
+        if err.reason == "RATE_LIMITED":  # the tenant's share, not the mesh's capacity
+            outcome = "rate_limited"
+        else:
+            outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
     except OrchestratorError as err:  # the in-process floor raises ours directly
         outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
     return Sample(started, first, time.perf_counter() - started, tokens, outcome, queue_s)

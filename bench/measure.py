@@ -36,6 +36,7 @@ def summarize(
     sent = result.started_in_window()
     ok = [s for s in sent if s.outcome == "ok"]
     shed = [s for s in sent if s.outcome == "shed"]
+    limited = [s for s in sent if s.outcome == "rate_limited"]
     done_ok = [s for s in result.completed_in_window() if s.outcome == "ok"]
     ttfc = [s.ttfc_s for s in ok if s.ttfc_s is not None]
     total = [s.total_s for s in ok]
@@ -50,7 +51,8 @@ def summarize(
         "requests": len(sent),
         "ok": len(ok),
         "shed": len(shed),
-        "errors": len(sent) - len(ok) - len(shed),
+        "rate_limited": len(limited),
+        "errors": len(sent) - len(ok) - len(shed) - len(limited),
         "rps": round(len(done_ok) / result.window_s, 2),
         "tokens_per_s": round(sum(s.tokens for s in done_ok) / result.window_s, 1),
         "shed_rate": round(len(shed) / max(1, len(sent)), 4),

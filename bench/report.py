@@ -54,46 +54,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| {_fmt(row['mesh_over_hop'])} | {_fmt(row['mesh_over_chain'])} |"
             )
     lines += _overload_table(results["runs"])
-    if "cancel_stop_ms" in extra:
-        c = extra["cancel_stop_ms"]
-        lines += [
-            "",
-            f"Cancellation: the worker stopped {c['p50']} ms (p50), {c['p99']} ms (p99), {c['max']} ms (max) "
-            f"after the client cancelled ({c['trials']} trials).",
-        ]
-    if "tracing" in extra:
-        t = extra["tracing"]
-        lines += [
-            "",
-            f"Tracing overhead (N=16, C=16, requests/s): off {t['rps']['off']}, on at 100% "
-            f"{t['rps']['on, 100%']} (x{t['ratio_on_100']}), on at 1% {t['rps']['on, 1%']} "
-            f"(x{t['ratio_on_1']}); {t['spans_received']} spans received.",
-        ]
-    if "coalescing_tokens_per_s" in extra:
-        g = extra["coalescing_tokens_per_s"]
-        base = g.get(1) or g.get("1")
-        parts = [f"{k} per message: {v:.0f} tokens/s" + (f" (x{v / base:.2f})" if base else "") for k, v in g.items()]
-        lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
-    if "transport" in extra:
-        t = {str(n): r for n, r in extra["transport"]["links_over_calls"].items()}
-        lines += [
-            "",
-            f"Stage links against a call per request per hop (C=64, requests/s): x{t['1']} at N=1, "
-            f"x{t['128']} at N=128.",
-        ]
-    if "idle_rss_mb" in extra:
-        lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
-    if "throughput_peak_rss_mb" in extra:
-        peaks = extra["throughput_peak_rss_mb"]
-        lines += [
-            "Peak RSS per stage after the throughput runs (MB): "
-            + ", ".join(f"{k} {v['peak_mb']}" for k, v in peaks.items())
-        ]
-    if "overload_rss_growth_mb" in extra:
-        lines += [
-            f"RSS growth from the first 4x overload step to the second: {extra['overload_rss_growth_mb']} MB "
-            "(largest stage; the first steps grow the working set of the queues, a leak would grow again)."
-        ]
+    lines += _notes(extra) + _memory_notes(extra)
     lines += [
         "",
         "## Runs",
@@ -204,3 +165,70 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _notes(extra: dict[str, Any]) -> list[str]:
+    """One paragraph per measured cost: cancellation, tracing, coalescing, transport, TLS, tenants."""
+    lines: list[str] = []
+    if "cancel_stop_ms" in extra:
+        c = extra["cancel_stop_ms"]
+        lines += [
+            "",
+            f"Cancellation: the worker stopped {c['p50']} ms (p50), {c['p99']} ms (p99), {c['max']} ms (max) "
+            f"after the client cancelled ({c['trials']} trials).",
+        ]
+    if "tracing" in extra:
+        t = extra["tracing"]
+        lines += [
+            "",
+            f"Tracing overhead (N=16, C=16, requests/s): off {t['rps']['off']}, on at 100% "
+            f"{t['rps']['on, 100%']} (x{t['ratio_on_100']}), on at 1% {t['rps']['on, 1%']} "
+            f"(x{t['ratio_on_1']}); {t['spans_received']} spans received.",
+        ]
+    if "coalescing_tokens_per_s" in extra:
+        g = extra["coalescing_tokens_per_s"]
+        base = g.get(1) or g.get("1")
+        parts = [f"{k} per message: {v:.0f} tokens/s" + (f" (x{v / base:.2f})" if base else "") for k, v in g.items()]
+        lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
+    if "transport" in extra:
+        t = {str(n): r for n, r in extra["transport"]["links_over_calls"].items()}
+        lines += [
+            "",
+            f"Stage links against a call per request per hop (C=64, requests/s): x{t['1']} at N=1, "
+            f"x{t['128']} at N=128.",
+        ]
+    if "tls" in extra:
+        t = {str(n): r for n, r in extra["tls"]["tls_over_plaintext"].items()}
+        lines += [
+            "",
+            f"TLS at the edge and mutual TLS on every hop against plaintext (C=64, requests/s): x{t['1']} at N=1, "
+            f"x{t['128']} at N=128.",
+        ]
+    if "tenants" in extra:
+        t = extra["tenants"]
+        lines += [
+            "",
+            f"Tenants (each {t['rate_per_tenant']:g} requests/s): b alone {t['b_alone_rps']} ok/s, beside a offering "
+            f"10x its rate {t['b_beside_a_rps']} ok/s; a got {t['a_rps']} ok/s and {t['a_rate_limited']} of its "
+            f"{t['a_sent']} requests answered RATE_LIMITED.",
+        ]
+    return lines
+
+
+def _memory_notes(extra: dict[str, Any]) -> list[str]:
+    """Resident memory: idle, after the throughput runs, and its growth under repeated overload."""
+    lines: list[str] = []
+    if "idle_rss_mb" in extra:
+        lines += ["", "Idle RSS per stage (MB): " + ", ".join(f"{k} {v}" for k, v in extra["idle_rss_mb"].items())]
+    if "throughput_peak_rss_mb" in extra:
+        peaks = extra["throughput_peak_rss_mb"]
+        lines += [
+            "Peak RSS per stage after the throughput runs (MB): "
+            + ", ".join(f"{k} {v['peak_mb']}" for k, v in peaks.items())
+        ]
+    if "overload_rss_growth_mb" in extra:
+        lines += [
+            f"RSS growth from the first 4x overload step to the second: {extra['overload_rss_growth_mb']} MB "
+            "(largest stage; the first steps grow the working set of the queues, a leak would grow again)."
+        ]
+    return lines

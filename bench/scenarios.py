@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +34,9 @@ from bench.targets import (
     start_shed_floor,
 )
 from orchestrator.core.graph import STAGES
+from orchestrator.runtime.tenants import key_line, new_key
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator_client import build_request
+from orchestrator_client import build_request, tls_credentials
 
 
 @dataclass
@@ -372,6 +374,92 @@ async def scenario_transport(ctx: Context) -> None:
     }
 
 
+def _certificates(run_dir: Path) -> Path:
+    """A CA and certificates for every stage and a client, made by the script the README documents."""
+    certs = run_dir / "certs"
+    script = Path(__file__).resolve().parents[1] / "deploy" / "tls" / "make-certs.sh"
+    subprocess.run(["bash", str(script), str(certs)], check=True, capture_output=True)
+    return certs
+
+
+def _tls_env(certs: Path) -> dict[str, str]:
+    return {
+        "ORCH_TLS_CERT_FILE": f"{certs}/{{stage}}.pem",
+        "ORCH_TLS_KEY_FILE": f"{certs}/{{stage}}.key",
+        "ORCH_TLS_CA_FILE": f"{certs}/ca.pem",
+        "ORCH_TLS_CLIENT_CA_FILE": f"{certs}/ca.pem",
+    }
+
+
+async def scenario_tls(ctx: Context) -> None:
+    """What TLS on every hop costs: the same mesh in plaintext and with TLS at the edge (client certificates too)
+    and mutual TLS between every stage, N=1 and N=128 at C=64."""
+    certs = _certificates(ctx.run_dir)
+    client = tls_credentials(f"{certs}/ca.pem", f"{certs}/client.pem", f"{certs}/client.key")
+    rps: dict[str, dict[int, float]] = {}
+    for label, env, credentials in (("plaintext", {}, None), ("TLS", _tls_env(certs), client)):
+        name = f"mesh, {label}"
+        async with mesh_running(ctx.run_dir / f"tls-{label}", env, name, credentials=credentials) as mesh:
+            for tokens in (1, 128):
+                run = await measure("tls", mesh, tokens=tokens, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+                ctx.runs.append(run)
+                rps.setdefault(label, {})[tokens] = run["rps"]
+    ctx.extra["tls"] = {
+        "rps": rps,
+        "tls_over_plaintext": {n: ratio(rps["TLS"][n], rps["plaintext"][n]) for n in rps["TLS"]},
+    }
+    ctx.target(
+        "tls_n1_c64",
+        "requests/s, N=1, C=64: TLS on every hop / plaintext",
+        ratio(rps["TLS"][1], rps["plaintext"][1]),
+        0.8,
+        True,
+    )
+
+
+# Tenant B sends at its rate; tenant A at ten times its own. Both rates are well under the mesh's capacity at N=16,
+# so all B can lose is what A's refused excess costs the edge.
+TENANT_RATE = 40.0
+
+
+async def scenario_tenants(ctx: Context) -> None:
+    """One tenant offering 10x its rate against another at its rate: the other's goodput against its goodput alone,
+    and the first's excess answered RATE_LIMITED."""
+    keys = ctx.run_dir / "keys.jsonl"
+    key_a, key_b = new_key(), new_key()
+    lines = [key_line(key, tenant, rate=TENANT_RATE, burst=TENANT_RATE) for key, tenant in ((key_a, "a"), (key_b, "b"))]
+    keys.write_text("".join(f"{line}\n" for line in lines))
+    env = {"ORCH_AUTH_KEYS_FILE": str(keys), "ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "1"}
+    async with mesh_running(ctx.run_dir / "tenants", env, "mesh, tenant b alone", token=key_b) as b:
+        duration = ctx.d(6)
+        alone = await measure("tenants", b, tokens=16, rate=TENANT_RATE, duration_s=duration, warmup_s=1)
+        a = b.client_of("mesh, tenant a at 10x its rate", key_a)
+        b.name = "mesh, tenant b beside a"
+        try:
+            noisy, beside = await asyncio.gather(
+                measure("tenants", a, tokens=16, rate=10 * TENANT_RATE, duration_s=duration, warmup_s=1),
+                measure("tenants", b, tokens=16, rate=TENANT_RATE, duration_s=duration, warmup_s=1),
+            )
+        finally:
+            await a.close()
+    ctx.runs += [alone, noisy, beside]
+    ctx.extra["tenants"] = {
+        "rate_per_tenant": TENANT_RATE,
+        "b_alone_rps": alone["rps"],
+        "b_beside_a_rps": beside["rps"],
+        "a_rps": noisy["rps"],
+        "a_rate_limited": noisy["rate_limited"],
+        "a_sent": noisy["requests"],
+    }
+    ctx.target(
+        "tenant_fairness",
+        "goodput of a tenant at its rate beside one at 10x its own / alone",
+        ratio(beside["rps"], alone["rps"]),
+        0.95,
+        True,
+    )
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -381,6 +469,8 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "tracing": scenario_tracing,
     "coalescing": scenario_coalescing,
     "transport": scenario_transport,
+    "tls": scenario_tls,
+    "tenants": scenario_tenants,
 }
 
 

@@ -48,11 +48,18 @@ class Target:
 
 
 class GrpcTarget(Target):
-    def __init__(self, name: str, address: str, pids: dict[str, int]) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        pids: dict[str, int],
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
         self.name = name
         self.address = address
         self.pids = pids
-        self.client = AsyncOrchestratorClient(address)
+        self.client = AsyncOrchestratorClient(address, credentials=credentials, token=token)
 
     def submit(self, tokens: int) -> Callable[[int], AsyncIterator[types_pb2.StreamChunk]]:
         def one(i: int) -> AsyncIterator[types_pb2.StreamChunk]:
@@ -67,13 +74,24 @@ class GrpcTarget(Target):
 
 
 class MeshTarget(GrpcTarget):
-    def __init__(self, mesh: Mesh) -> None:
-        super().__init__("mesh", mesh.entry, {name: p.popen.pid for name, p in mesh.stages.items()})
+    def __init__(
+        self, mesh: Mesh, credentials: grpc.ChannelCredentials | None = None, token: str | None = None
+    ) -> None:
+        pids = {name: p.popen.pid for name, p in mesh.stages.items()}
+        super().__init__("mesh", mesh.entry, pids, credentials, token)
         self.mesh = mesh
+        self.owns_mesh = True
+
+    def client_of(self, name: str, token: str) -> MeshTarget:
+        """Another client of the same mesh, with its own API key (a tenant); closing it leaves the mesh running."""
+        other = MeshTarget(self.mesh, token=token)
+        other.name, other.owns_mesh = name, False
+        return other
 
     async def close(self) -> None:
         await super().close()
-        await asyncio.to_thread(self.mesh.stop)
+        if self.owns_mesh:
+            await asyncio.to_thread(self.mesh.stop)
 
 
 class HopTarget(GrpcTarget):
@@ -114,19 +132,31 @@ def mesh_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def start_mesh_target(run_dir: Path, extra: dict[str, str], cores: Sequence[int] = ()) -> MeshTarget:
-    """The mesh, its stages on free ports; with ``cores``, every stage process confined to those CPUs."""
+async def start_mesh_target(
+    run_dir: Path,
+    extra: dict[str, str],
+    cores: Sequence[int] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+) -> MeshTarget:
+    """The mesh, its stages on free ports; with ``cores``, every stage process confined to those CPUs; its client
+    connects with ``credentials`` (TLS) and ``token`` (an API key) when given."""
     wrap = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
     mesh = await asyncio.to_thread(start_mesh, run_dir, env=mesh_env(extra), timeout_s=60, wrap=wrap)
-    return MeshTarget(mesh)
+    return MeshTarget(mesh, credentials, token)
 
 
 @contextlib.asynccontextmanager
 async def mesh_running(
-    run_dir: Path, extra: dict[str, str], name: str | None = None, cores: Sequence[int] = ()
+    run_dir: Path,
+    extra: dict[str, str],
+    name: str | None = None,
+    cores: Sequence[int] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[MeshTarget]:
     """``start_mesh_target`` for the length of a block, named ``name`` in the results; closed however it ends."""
-    mesh = await start_mesh_target(run_dir, extra, cores)
+    mesh = await start_mesh_target(run_dir, extra, cores, credentials, token)
     if name is not None:
         mesh.name = name
     try:

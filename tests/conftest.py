@@ -42,9 +42,15 @@ class Security:
 
     def __init__(self) -> None:
         self.certs: Path | None = None
+        self.token: str | None = None
 
     def enable(self, certs: Path) -> None:
+        """TLS from ``certs``, and an API key file there whose one key (an admin's) every test client shows."""
+        from orchestrator.runtime.tenants import key_line, new_key
+
         self.certs = certs
+        self.token = new_key()
+        (certs / "keys.jsonl").write_text(key_line(self.token, "tests", "admin") + "\n")
 
     def env(self) -> dict[str, str]:
         if self.certs is None:
@@ -54,7 +60,12 @@ class Security:
             "ORCH_TLS_KEY_FILE": f"{self.certs}/{{stage}}.key",
             "ORCH_TLS_CA_FILE": f"{self.certs}/ca.pem",
             "ORCH_TLS_CLIENT_CA_FILE": f"{self.certs}/ca.pem",
+            "ORCH_AUTH_KEYS_FILE": f"{self.certs}/keys.jsonl",
         }
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The API key as call metadata, for calls made without the client library (admin, raw stubs)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """A client's: the mesh's CA, and the client certificate the edge asks for."""
@@ -70,13 +81,15 @@ class Security:
         if self.certs is None:
             return {}
         c = self.certs
-        return {"TLS_CA": f"{c}/ca.pem", "TLS_CERT": f"{c}/client.pem", "TLS_KEY": f"{c}/client.key"}
+        tls = {"TLS_CA": f"{c}/ca.pem", "TLS_CERT": f"{c}/client.pem", "TLS_KEY": f"{c}/client.key"}
+        return tls | {"TOKEN": self.token or ""}
 
     def grpcurl_args(self) -> list[str]:
         if self.certs is None:
             return ["-plaintext"]
         c = self.certs
-        return ["-cacert", f"{c}/ca.pem", "-cert", f"{c}/client.pem", "-key", f"{c}/client.key"]
+        tls = ["-cacert", f"{c}/ca.pem", "-cert", f"{c}/client.pem", "-key", f"{c}/client.key"]
+        return [*tls, "-H", f"authorization: Bearer {self.token}"]
 
 
 SECURITY = Security()
@@ -104,10 +117,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def mesh_client(address: str, **kwargs: object) -> AsyncOrchestratorClient:
     """An async client of the edge at ``address``, secured as the test meshes are."""
+    kwargs.setdefault("token", SECURITY.token)
     return AsyncOrchestratorClient(address, credentials=SECURITY.credentials(), **kwargs)  # type: ignore[arg-type]
 
 
 def mesh_sync_client(address: str, **kwargs: object) -> OrchestratorClient:
+    kwargs.setdefault("token", SECURITY.token)
     return OrchestratorClient(address, credentials=SECURITY.credentials(), **kwargs)  # type: ignore[arg-type]
 
 
@@ -220,7 +235,7 @@ def stage_status(address: str, plaintext: bool = False) -> admin_pb2.GetStatusRe
     """A stage's (or, ``plaintext``, the worker server's) AdminService/GetStatus."""
     with grpc.insecure_channel(address) if plaintext else mesh_channel(address) as ch:
         reply: admin_pb2.GetStatusResponse = admin_pb2_grpc.AdminServiceStub(ch).GetStatus(
-            admin_pb2.GetStatusRequest(), timeout=5
+            admin_pb2.GetStatusRequest(), timeout=5, metadata=() if plaintext else SECURITY.metadata()
         )
         return reply
 

@@ -24,6 +24,7 @@ from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import FinishReason, OrchestratorRpcError
 from tests.conftest import (
     ROOT,
+    SECURITY,
     clean_env,
     free_port_config,
     http_ok,
@@ -334,7 +335,9 @@ def write_config(path: Path, name: str) -> None:
 
 def reload(address: str) -> str:
     with mesh_channel(address) as channel:
-        reply = admin_pb2_grpc.AdminServiceStub(channel).Reload(admin_pb2.ReloadRequest(), timeout=10)
+        reply = admin_pb2_grpc.AdminServiceStub(channel).Reload(
+            admin_pb2.ReloadRequest(), timeout=10, metadata=SECURITY.metadata()
+        )
         return str(reply.worker)
 
 

@@ -21,6 +21,8 @@ from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.mesh
 
+FAIR_RATE = 20  # requests a second, for the fairness test's two tenants
+
 
 def add_key(keys: Path, tenant: str, *flags: str) -> str:
     done = subprocess.run(
@@ -41,6 +43,8 @@ class Tenants:
         self.slow = add_key(self.file, "slow", "--rate", "5", "--burst", "5")
         self.few = add_key(self.file, "few", "--max-streams", "2")
         self.ops = add_key(self.file, "ops", "--admin")
+        self.noisy = add_key(self.file, "noisy", "--rate", str(FAIR_RATE), "--burst", str(FAIR_RATE))
+        self.quiet = add_key(self.file, "quiet", "--rate", str(FAIR_RATE), "--burst", str(FAIR_RATE))
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +223,40 @@ def test_the_admin_key_opens_the_admin_service_and_health_stays_open(keyed_mesh:
     assert done.returncode == 0, done.stdout + done.stderr
     edge = next(line for line in done.stdout.splitlines() if line.startswith("stream"))
     assert int(edge.split()[9]) >= 1  # the denied column counts the refused requests
+
+
+async def offer(mesh: Mesh, token: str, rate: float, seconds: float, tag: str) -> dict[str, int]:
+    """Requests at ``rate`` a second, evenly spaced, for ``seconds``: how each ended."""
+    outcomes: dict[str, int] = {}
+
+    async def one(client: AsyncOrchestratorClient, n: int) -> None:
+        try:
+            await client.complete("fair share?", session=f"{tag}{n % 16}", max_tokens=2, timeout=20)
+            what = "ok"
+        except OrchestratorRpcError as err:
+            what = err.reason or err.code.name
+        outcomes[what] = outcomes.get(what, 0) + 1
+
+    async with mesh_client(mesh.entry, token=token) as client:
+        await client.complete("connect", session=tag, max_tokens=1, timeout=20)
+        await asyncio.sleep(1.0)  # the bucket refills from the connecting request
+        loop = asyncio.get_running_loop()
+        start, tasks = loop.time(), []
+        for n in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+            tasks.append(asyncio.create_task(one(client, n)))
+        await asyncio.gather(*tasks)
+    return outcomes
+
+
+async def test_a_tenant_at_ten_times_its_rate_costs_another_almost_nothing(keyed_mesh: Mesh, tenants: Tenants) -> None:
+    alone = await offer(keyed_mesh, tenants.quiet, FAIR_RATE, 3, "alone")
+    noisy, beside = await asyncio.gather(
+        offer(keyed_mesh, tenants.noisy, 10 * FAIR_RATE, 3, "noisy"),
+        offer(keyed_mesh, tenants.quiet, FAIR_RATE, 3, "beside"),
+    )
+    print(f"\nquiet alone {alone}; beside noisy {beside}; noisy {noisy}")
+    assert beside.get("ok", 0) >= 0.95 * alone.get("ok", 0) > 0, (alone, beside)
+    # The noisy tenant gets about its rate; its excess is refused as its own, never shed as the mesh's.
+    assert noisy.get("RATE_LIMITED", 0) >= 0.8 * 10 * FAIR_RATE * 3 - 2 * FAIR_RATE * 3, noisy
+    assert set(noisy) <= {"ok", "RATE_LIMITED"}, noisy
