@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -211,3 +211,14 @@ def test_the_command_line_tools_of_the_readme_work_over_tls(tls_mesh: Mesh, cert
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert all(name in done.stdout for name in STAGES)
+
+
+def test_reflection_can_be_turned_off_and_health_stays(fresh_mesh: Callable[..., Mesh]) -> None:
+    m = fresh_mesh(ORCH_SERVER_REFLECTION="false")
+    done = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", m.entry, "list"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode != 0 and "reflection" in done.stderr.lower(), done.stderr
+    with grpc.insecure_channel(m.entry) as channel:
+        reply = HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
+    assert reply.status == HealthCheckResponse.SERVING

@@ -126,10 +126,13 @@ def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
         assert container["readinessProbe"]["grpc"] == {"port": health}
         assert container["livenessProbe"]["grpc"] == {"port": health, "service": "orchestrator.liveness"}
         # Mutual TLS from the stage's own Secret, mounted read-only; the config these settings make is valid.
-        (mount,) = container["volumeMounts"]
-        (volume,) = pod["volumes"]
-        assert volume["secret"]["secretName"] == f"orchestrator-{stage}-tls" and mount["readOnly"] is True
-        assert all(env[f"ORCH_TLS_{k}_FILE"].startswith(mount["mountPath"]) for k in ("CERT", "KEY", "CA"))
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+        assert secrets == {"tls": f"orchestrator-{stage}-tls", "keys": "orchestrator-keys"}
+        assert all(m["readOnly"] is True for m in mounts.values())
+        assert all(env[f"ORCH_TLS_{k}_FILE"].startswith(mounts["tls"]["mountPath"]) for k in ("CERT", "KEY", "CA"))
+        # API keys on every stage: the edge authenticates clients, and every admin service needs an admin key.
+        assert env["ORCH_AUTH_KEYS_FILE"].startswith(mounts["keys"]["mountPath"])
         with pytest.raises(ConfigError) as info:  # only because the Secret's files are not on this machine
             load_config(ROOT / "pipeline.toml", env=env)
         assert all("no such file" in p for p in info.value.problems), info.value.problems

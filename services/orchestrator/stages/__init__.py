@@ -63,4 +63,13 @@ def app_of(
     services = [rpc_service(spec, handler), links]
     options = (*server_options(cfg.server, cfg.network), *connection_limits(cfg.stage(name)))
     certificates = server_certificates(cfg.tls, name)
-    return StageApp(name, runtime, services, options=options, certificates=certificates, downstream=downstream, **extra)
+    return StageApp(
+        name,
+        runtime,
+        services,
+        options=options,
+        certificates=certificates,
+        reflection=cfg.server.reflection,
+        downstream=downstream,
+        **extra,
+    )
