@@ -3,6 +3,7 @@ for each test module: what is refused (and how), and a certificate rotated under
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import subprocess
@@ -222,3 +223,31 @@ def test_reflection_can_be_turned_off_and_health_stays(fresh_mesh: Callable[...,
     with grpc.insecure_channel(m.entry) as channel:
         reply = HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
     assert reply.status == HealthCheckResponse.SERVING
+
+
+async def test_a_caller_renews_its_own_certificate_without_a_restart(tmp_path: Path) -> None:
+    """A stage's certificate is also what it shows the stage it calls: renewed on disk, the next calls go over new
+    connections that show it, calls under way finish on the old one."""
+    certs = make_certs(tmp_path / "certs")
+    m = launch(tmp_path / "mesh", **tls_env(certs, ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="20"))
+    try:
+        async with AsyncOrchestratorClient(m.entry, credentials=client_of(certs)) as client:
+            # ~200 words at 20 ms each: still streaming when the renewal is noticed (a second or more later).
+            under_way = client.submit("a stream that outlives the renewal " * 40, session="s", max_tokens=150)
+            await anext(under_way)
+            await asyncio.to_thread(make_certs, certs, "post")  # the post stage's certificate, re-issued
+            log = m.stages["post"].log_path
+            assert log is not None
+
+            async def renewed() -> bool:
+                await client.complete("after the renewal", session="s2", max_tokens=2, timeout=10)
+                return "TLS certificate renewed" in log.read_text()
+
+            deadline = asyncio.get_running_loop().time() + 15
+            while not await renewed():
+                assert asyncio.get_running_loop().time() < deadline, "post kept its old connection"
+                await asyncio.sleep(0.2)
+            rest = [chunk async for chunk in under_way]
+        assert rest[-1].completion.usage.completion_tokens == 150  # finished on the connection it started on
+    finally:
+        m.stop()

@@ -32,6 +32,24 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def files_stamp(files: Sequence[str]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when any of ``files`` is rewritten or replaced (a Kubernetes Secret swaps a symlink)."""
+    out = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((0, 0, 0))
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def caller_files(tls: TlsConfig, caller: str) -> tuple[str, ...]:
+    """The files a caller's channel credentials are made from."""
+    return (*tls.files(caller), tls.ca_file) if tls.enabled else ()
+
+
 class CertificateFiles:
     """A server's certificate, key and client CA, read again when any of the files changes.
 
@@ -50,15 +68,7 @@ class CertificateFiles:
         self.reloads = 0
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        for path in self.files:
-            try:
-                st = os.stat(path)
-            except OSError:
-                out.append((0, 0, 0))
-            else:
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+        return files_stamp(self.files)
 
     def _configuration(self) -> Any:
         ca = _read(self._ca_file) if self._ca_file else None

@@ -7,7 +7,11 @@ Each transport owns the channel it opened and closes it with itself; ``Downstrea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -21,8 +25,10 @@ from orchestrator.core.telemetry import Telemetry
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import LinkClient
 from orchestrator.runtime.replicas import Replicas
-from orchestrator.runtime.security import callee_name_options, channel_credentials
+from orchestrator.runtime.security import callee_name_options, caller_files, channel_credentials, files_stamp
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
 
 
 async def serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
@@ -73,9 +79,111 @@ class LinkTransport(LinkClient[Any]):
         await self._channel.close()
 
 
+class _Tracked:
+    """A call that tells its transport when it is over: the runtime cancels every call it made once done with it
+    (a no-op for one that ended), so ``cancel`` is that moment. ``read`` is the call's own bound method: no cost
+    per message."""
+
+    __slots__ = ("_call", "_done", "read")
+
+    def __init__(self, call: Call, done: Callable[[], None]) -> None:
+        self._call = call
+        self._done: Callable[[], None] | None = done
+        self.read = call.read
+
+    def cancel(self) -> bool:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+        return self._call.cancel()
+
+
+class RenewingTransport:
+    """Calls to a replica over TLS, on a transport made again when this stage's certificate files change.
+
+    gRPC fixes a channel's credentials when it is made, and a connection shows its certificate once, at its
+    handshake: a renewed certificate would otherwise reach no connection until the process restarts, and an
+    expired one would fail the first reconnect. Checked at most once a second as calls are made; calls already
+    under way finish on the transport they started on, which is closed when the last of them is over.
+    """
+
+    CHECK_S = 1.0
+
+    def __init__(self, make: Callable[[], Transport], files: Sequence[str], what: str) -> None:
+        self._make = make
+        self._files = files
+        self._what = what
+        self._stamp = files_stamp(files)
+        self._checked = time.monotonic()
+        self._current = make()
+        self._calls: dict[Transport, int] = {self._current: 0}
+        self._closing: set[asyncio.Task[None]] = set()
+        self.renewals = 0
+
+    def __call__(
+        self, request: types_pb2.PromptRequest, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Call:
+        self._renew_if_changed()
+        transport = self._current
+        call = transport(request, timeout=timeout, metadata=metadata)
+        self._calls[transport] += 1
+        return _Tracked(call, partial(self._ended, transport))
+
+    async def healthy(self, timeout_s: float) -> bool:
+        self._renew_if_changed()
+        return await self._current.healthy(timeout_s)
+
+    def _renew_if_changed(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_S:
+            return
+        self._checked = now
+        stamp = files_stamp(self._files)
+        if stamp == self._stamp:
+            return
+        try:
+            fresh = self._make()
+        except OSError as exc:  # mid-rotation: keep the transport we have, try again next time
+            log.error("TLS files unreadable, keeping the current connection to %s: %s", self._what, exc)
+            return
+        old, self._current, self._stamp = self._current, fresh, stamp
+        self._calls[fresh] = 0
+        self.renewals += 1
+        log.info("TLS certificate renewed: new connections to %s show it", self._what)
+        if self._calls[old] == 0:
+            self._retire(old)
+
+    def _ended(self, transport: Transport) -> None:
+        self._calls[transport] -= 1
+        if self._calls[transport] == 0 and transport is not self._current:
+            self._retire(transport)
+
+    def _retire(self, transport: Transport) -> None:
+        del self._calls[transport]
+        task = asyncio.ensure_future(transport.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for transport in list(self._calls):
+            await transport.close()
+        self._calls.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
 def connect(caller: str, callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
     """A transport from ``caller`` to the replica of ``callee`` at ``address``, as ``cfg`` configures hops:
-    mutual TLS when the mesh has certificates, each end checking the other's stage name."""
+    mutual TLS when the mesh has certificates, each end checking the other's stage name, made again when the
+    caller's certificate is renewed."""
+    if cfg.tls.enabled:
+        make = partial(_connect, caller, callee, address, cfg, telemetry)
+        what = f"the {callee.name} stage at {address}"
+        return RenewingTransport(make, caller_files(cfg.tls, caller), what)
+    return _connect(caller, callee, address, cfg, telemetry)
+
+
+def _connect(caller: str, callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
     options = channel_options(cfg.server, cfg.network)
     credentials = channel_credentials(cfg.tls, caller)
     if credentials is None:
