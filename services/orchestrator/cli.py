@@ -11,10 +11,14 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.core.config import ConfigError, MeshConfig, describe_settings, load_config
 from orchestrator.core.graph import EDGE, STAGES
 from orchestrator.launcher import LaunchError, start_mesh
+
+if TYPE_CHECKING:  # grpc is imported where it is used: `orchestrator validate` and `config` start faster
+    import grpc
 
 DEFAULT_CONFIG = "pipeline.toml"
 
@@ -99,7 +103,6 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
-    from orchestrator.runtime.security import operator_channel
     from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 
     cfg = _load(_config_path(args.config))
@@ -108,7 +111,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.addresses:
         targets: list[tuple[str | None, str]] = [(None, addr) for addr in args.addresses]
     else:
-        targets = [(name, addr) for name in STAGES for addr in cfg.stage(name).addresses()]
+        targets = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
     print(
         f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
         f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  worker"
@@ -116,7 +119,7 @@ def _status(args: argparse.Namespace) -> int:
     metadata = _admin_metadata(args.token_file)
     failed = 0
     for name, address in targets:
-        with operator_channel(cfg.tls, address, name) as channel:
+        with _admin_channel(cfg, address, name) as channel:
             try:
                 s = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
                     admin_pb2.GetStatusRequest(), timeout=2, metadata=metadata
@@ -137,6 +140,33 @@ def _status(args: argparse.Namespace) -> int:
             f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
         )
     return 1 if failed else 0
+
+
+def _admin_addresses(cfg: MeshConfig, name: str) -> tuple[str, ...]:
+    """Where a stage's AdminService answers: its own listener when it has one (on this machine), else the stage."""
+    port = cfg.stage(name).admin_port
+    return (f"{cfg.server.admin_host}:{port}",) if port > 0 else cfg.stage(name).addresses()
+
+
+def _admin_channel(cfg: MeshConfig, address: str, stage: str | None) -> grpc.Channel:
+    """A channel to an AdminService: plaintext to a stage's own admin listener on loopback (which serves no TLS),
+    else as the stages are reached."""
+    import grpc
+
+    from orchestrator.runtime.security import operator_channel
+
+    if admin_listener(cfg, address):
+        return grpc.insecure_channel(address)
+    return operator_channel(cfg.tls, address, stage)
+
+
+def admin_listener(cfg: MeshConfig, address: str) -> bool:
+    """Whether ``address`` is a stage's own admin listener on this machine (``<stage>.admin_port``)."""
+    from orchestrator.core.config import is_loopback
+
+    host, _, port = address.rpartition(":")
+    admin_ports = {cfg.stage(name).admin_port for name in STAGES} - {-1, 0}
+    return is_loopback(host.strip("[]")) and port.isdigit() and int(port) in admin_ports
 
 
 def _admin_metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:

@@ -36,6 +36,8 @@ class StageProcess:
     config: str | None
     metrics_address: str = ""
     health_address: str = ""
+    # AdminService's own listener, when the stage has one (``<stage>.admin_port``); else its address.
+    admin_address: str = ""
 
     @property
     def port(self) -> int:
@@ -135,6 +137,7 @@ class Mesh:
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
         proc.health_address = info.get("health_address", "")
+        proc.admin_address = info.get("admin_address", "") or proc.address
         wait_healthy(proc.address, max(1.0, deadline - time.monotonic()), self.tls, proc.name)
 
     def channel(self, stage: str) -> grpc.Channel:

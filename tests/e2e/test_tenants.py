@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, PromptRequest, build_request
-from tests.conftest import BIN, launch, mesh_channel, mesh_client, scrape
+from tests.conftest import BIN, launch, mesh_channel, mesh_client, scrape, stage_status
 from tests.e2e.test_tracing import otel_env, server_span, wait_for_trace
 from tests.otlp import OtlpReceiver
 
@@ -260,3 +261,21 @@ async def test_a_tenant_at_ten_times_its_rate_costs_another_almost_nothing(keyed
     # The noisy tenant gets about its rate; its excess is refused as its own, never shed as the mesh's.
     assert noisy.get("RATE_LIMITED", 0) >= 0.8 * 10 * FAIR_RATE * 3 - 2 * FAIR_RATE * 3, noisy
     assert set(noisy) <= {"ok", "RATE_LIMITED"}, noisy
+
+
+def test_the_admin_service_can_have_a_listener_of_its_own_on_loopback(fresh_mesh: Callable[..., Mesh]) -> None:
+    """``<stage>.admin_port``: AdminService leaves the stage's port (what a Kubernetes Service exposes) for a listener
+    on ``server.admin_host`` (loopback by default)."""
+    m = fresh_mesh(**{f"ORCH_{name.upper()}_ADMIN_PORT": "0" for name in STAGES})
+    for name in STAGES:
+        proc = m.stages[name]
+        assert proc.admin_address != proc.address and proc.admin_address.startswith("127.0.0.1:")
+        with mesh_channel(proc.address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                admin_pb2_grpc.AdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert stage_status(proc.admin_address).stage == name
+    listed = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", m.entry, "list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    assert "orchestrator.v1.StreamService" in listed and "orchestrator.v1.AdminService" not in listed

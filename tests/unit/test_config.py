@@ -120,3 +120,12 @@ def test_input_text_goes_on_a_span_only_at_the_edge_and_only_when_asked() -> Non
     off, on = load_config(env={}), load_config(env={"ORCH_SERVER_TRACE_TEXT": "true"})
     assert [runtime_of(s, off, Telemetry()).record_input for s in ("stream", "post")] == [False, False]
     assert [runtime_of(s, on, Telemetry()).record_input for s in ("stream", "post")] == [True, False]
+
+
+def test_the_status_command_reaches_an_admin_listener_on_loopback_in_plaintext() -> None:
+    from orchestrator.cli import admin_listener
+
+    cfg = load_config(env={"ORCH_RAG_ADMIN_PORT": "8081", "ORCH_TLS_ALLOW_INSECURE": "1"})
+    assert admin_listener(cfg, "127.0.0.1:8081")
+    assert not admin_listener(cfg, "127.0.0.1:50051")  # the stage's own port: as the stages are reached
+    assert not admin_listener(cfg, "10.0.0.5:8081")  # another machine's: never plaintext by this rule

@@ -131,6 +131,11 @@ def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
         assert secrets == {"tls": f"orchestrator-{stage}-tls", "keys": "orchestrator-keys"}
         assert all(m["readOnly"] is True for m in mounts.values())
         assert all(env[f"ORCH_TLS_{k}_FILE"].startswith(mounts["tls"]["mountPath"]) for k in ("CERT", "KEY", "CA"))
+        # AdminService on the pod's loopback only: not a container port, so no Service can expose it.
+        admin = int(env[f"ORCH_{stage.upper()}_ADMIN_PORT"])
+        assert admin not in {p["containerPort"] for p in container["ports"]} | {port, health}
+        services = [d for d in k8s_documents() if d["kind"] == "Service"]
+        assert all(admin not in {p["port"] for p in svc["spec"]["ports"]} for svc in services)
         # API keys on every stage: the edge authenticates clients, and every admin service needs an admin key.
         assert env["ORCH_AUTH_KEYS_FILE"].startswith(mounts["keys"]["mountPath"])
         with pytest.raises(ConfigError) as info:  # only because the Secret's files are not on this machine

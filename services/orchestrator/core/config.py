@@ -71,6 +71,9 @@ class StageConfig:
         -1, "also serve grpc.health.v1 alone, in plaintext, here: for probes that cannot do TLS (-1: off)"
     )
     max_connections: int = _f(0, "connections the stage accepts at once; one more is refused (0: no bound)")
+    admin_port: int = _f(
+        -1, "serve AdminService on server.admin_host at this port instead of the stage's port (-1: the stage's port)"
+    )
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
@@ -93,6 +96,8 @@ class StageConfig:
             out.append(f"{name}.metrics_port must be in -1..65535, got {self.metrics_port}")
         if not -1 <= self.health_port <= 65535:
             out.append(f"{name}.health_port must be in -1..65535, got {self.health_port}")
+        if not -1 <= self.admin_port <= 65535:
+            out.append(f"{name}.admin_port must be in -1..65535, got {self.admin_port}")
         if self.max_connections < 0:
             out.append(f"{name}.max_connections must be >= 0")
         for replica in self.replicas:
@@ -292,6 +297,7 @@ class ServerConfig:
         8192, "calls gRPC holds for a stage before its code picks them up; a burst up to this size is answered in full"
     )
     reflection: bool = _f(True, "serve gRPC server reflection (v1 and v1alpha) on every stage")
+    admin_host: str = _f("127.0.0.1", "interface of the stages' admin listeners (<stage>.admin_port)")
 
 
 @dataclass(frozen=True)
@@ -358,6 +364,7 @@ class TlsConfig:
         return self.cert_file.replace("{stage}", stage), self.key_file.replace("{stage}", stage)
 
     def problems(self, hosts: Mapping[str, str]) -> list[str]:
+        """``hosts``: each setting that names an interface to bind, and its value."""
         out = []
         if bool(self.cert_file) != bool(self.key_file):
             out.append("tls.cert_file and tls.key_file must be set together")
@@ -370,10 +377,10 @@ class TlsConfig:
             if path and not Path(path).is_file():
                 out.append(f"tls.{name}: no such file {path!r}")
         if not self.enabled and not self.allow_insecure:
-            for stage, host in hosts.items():
+            for setting, host in hosts.items():
                 if not is_loopback(host):
                     out.append(
-                        f"{stage}.host {host!r} is not loopback and TLS is off: set tls.cert_file, tls.key_file "
+                        f"{setting} {host!r} is not loopback and TLS is off: set tls.cert_file, tls.key_file "
                         "and tls.ca_file, or tls.allow_insecure = true on a network you trust"
                     )
         return out
@@ -433,7 +440,10 @@ class MeshConfig:
     def problems(self) -> list[str]:
         out = [p for name in STAGES for p in self.stage(name).problems(name)]
         out += self._server_problems() + self._limits_problems() + self.network.problems()
-        out += self.tls.problems({name: self.stage(name).host for name in STAGES})
+        hosts = {f"{name}.host": self.stage(name).host for name in STAGES}
+        if any(self.stage(name).admin_port >= 0 for name in STAGES):
+            hosts["server.admin_host"] = self.server.admin_host
+        out += self.tls.problems(hosts)
         out += self.auth.problems() + self.tenants.problems()
         return out
 

@@ -66,6 +66,7 @@ class CertificateFiles:
         self._initial = self._configuration()  # raises OSError: a stage without its certificate does not start
         self._forced = False
         self.reloads = 0
+        self._twins: list[CertificateFiles] = []
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         return files_stamp(self.files)
@@ -77,6 +78,16 @@ class CertificateFiles:
 
     def reload(self) -> None:
         self._forced = True
+        for twin in self._twins:
+            twin.reload()
+
+    def twin(self) -> CertificateFiles:
+        """The same files for another listener: each gRPC server asks its own fetcher, which keeps its own state."""
+        twin = CertificateFiles(
+            self._cert_file, self._key_file, self._ca_file, require_client_cert=self.require_client_cert
+        )
+        self._twins.append(twin)
+        return twin
 
     def _fetch(self) -> Any:
         """gRPC's fetcher: a new configuration, or None to keep the current one."""

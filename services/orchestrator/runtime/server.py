@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from orchestrator.core.config import ConfigError, MeshConfig, load_config
+from orchestrator.core.config import ConfigError, MeshConfig, is_loopback, load_config
 from orchestrator.core.errors import OrchestratorError, PermissionDenied, WireStatus, to_status
 from orchestrator.core.graph import STAGES
 from orchestrator.core.telemetry import Telemetry, build_telemetry
@@ -169,6 +169,9 @@ class RunningStage:
     # The plaintext health-only listener, if any (probes that cannot do TLS).
     health_server: grpc.aio.Server | None = None
     health_address: str = ""
+    # AdminService's own listener, if it has one (``<stage>.admin_port``).
+    admin_server: grpc.aio.Server | None = None
+    admin_address: str = ""
     draining: bool = False
     _metrics_server: Any = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -228,14 +231,24 @@ class RunningStage:
                 "stage=%s grace period over with %d requests in flight", self.app.name, self.app.runtime.in_flight
             )
         await self.server.stop(max(0.0, deadline - loop.time()))
-        if self.health_server is not None:
-            await self.health_server.stop(0)
+        for extra in (self.health_server, self.admin_server):
+            if extra is not None:
+                await extra.stop(0)
         await self.app.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         # Exporters flush with blocking I/O: off the loop.
         await asyncio.to_thread(self.app.runtime.telemetry.shutdown)
+
+    async def serve_admin(self, host: str, port: int) -> None:
+        """AdminService on a listener of its own: plaintext on loopback, the stage's TLS anywhere else."""
+        self.admin_server = new_server()
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.admin_server)
+        certificates = self.app.certificates
+        credentials = None if certificates is None or is_loopback(host) else certificates.twin().credentials()
+        self.admin_address = bind(self.admin_server, host, port, f"{self.app.name} stage's admin service", credentials)
+        await self.admin_server.start()
 
     def start_metrics(self, host: str, port: int) -> None:
         """Serve Prometheus /metrics for this stage's registry (a daemon thread)."""
@@ -250,13 +263,14 @@ def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
 
 
 def add_health_and_reflection(
-    server: grpc.aio.Server, service_names: Sequence[str], reflection: bool = True
+    server: grpc.aio.Server, service_names: Sequence[str], reflection: bool = True, admin: bool = True
 ) -> health.aio.HealthServicer:
-    """The stock async health service, and reflection (v1 and v1alpha) over ``service_names``, health and admin."""
+    """The stock async health service, and reflection (v1 and v1alpha) over ``service_names``, health, and admin
+    when it is served here."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection:
-        add_reflection(server, (*service_names, ADMIN_SERVICE, health.SERVICE_NAME))
+        add_reflection(server, (*service_names, *([ADMIN_SERVICE] if admin else []), health.SERVICE_NAME))
     return health_servicer
 
 
@@ -297,15 +311,19 @@ def load_config_or_report(path: str | None, prog: str) -> MeshConfig | None:
         return None
 
 
-async def start_stage(app: StageApp, host: str, port: int, health_port: int = -1) -> RunningStage:
-    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned), and grpc.health.v1
-    alone in plaintext on ``health_port`` unless it is -1."""
+async def start_stage(
+    app: StageApp, host: str, port: int, health_port: int = -1, admin_at: tuple[str, int] | None = None
+) -> RunningStage:
+    """Start serving ``app`` on ``host:port`` (port 0 picks a free port; the real one is returned); grpc.health.v1
+    alone in plaintext on ``health_port`` unless it is -1; AdminService on the ``admin_at`` (host, port) listener
+    instead of the stage's port when given."""
     server = new_server(app.options)
     for service in app.services:
         service.add(server)
     admin = AdminServicer(app)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    health_servicer = add_health_and_reflection(server, app.service_names, app.reflection)
+    if admin_at is None:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    health_servicer = add_health_and_reflection(server, app.service_names, app.reflection, admin=admin_at is None)
     credentials = app.certificates.credentials() if app.certificates is not None else None
     address = bind(server, host, port, f"{app.name} stage", credentials)
     await server.start()
@@ -318,6 +336,8 @@ async def start_stage(app: StageApp, host: str, port: int, health_port: int = -1
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
         running.health_address = bind(running.health_server, host, health_port, f"{app.name} stage's health")
         await running.health_server.start()
+    if admin_at is not None:
+        await running.serve_admin(*admin_at)
     app.readiness_listener = running.set_serving_soon
     return running
 
@@ -335,13 +355,16 @@ def settle_gc(full_every: int) -> None:
     gc.set_threshold(young, middle, full_every)
 
 
-def write_ready_file(path: str, stage: str, address: str, metrics_address: str = "", health_address: str = "") -> None:
+def write_ready_file(
+    path: str, stage: str, address: str, metrics_address: str = "", health_address: str = "", admin_address: str = ""
+) -> None:
     """Tell a launcher where we listen: written atomically, so a reader never sees half of it."""
     info = {
         "stage": stage,
         "address": address,
         "metrics_address": metrics_address,
         "health_address": health_address,
+        "admin_address": admin_address,
         "pid": os.getpid(),
     }
     tmp = Path(f"{path}.tmp")
@@ -359,7 +382,8 @@ async def serve(
     """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
     stage_cfg = cfg.stage(name)
     app = build(cfg, build_telemetry(name))
-    running = await start_stage(app, stage_cfg.host, stage_cfg.port, stage_cfg.health_port)
+    admin_at = (cfg.server.admin_host, stage_cfg.admin_port) if stage_cfg.admin_port >= 0 else None
+    running = await start_stage(app, stage_cfg.host, stage_cfg.port, stage_cfg.health_port, admin_at)
     if stage_cfg.metrics_port >= 0:
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
     settle_gc(cfg.server.gc_full_every)
@@ -372,7 +396,14 @@ async def serve(
         running.health_address or "on the stage's port only",
     )
     if ready_file:
-        write_ready_file(ready_file, app.name, running.address, running.metrics_address, running.health_address)
+        write_ready_file(
+            ready_file,
+            app.name,
+            running.address,
+            running.metrics_address,
+            running.health_address,
+            running.admin_address,
+        )
     running.admin.reload_config = lambda: load_config(config_path)
     await wait_for_stop_signal(running.reload_in_background)
     log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
