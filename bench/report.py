@@ -190,20 +190,13 @@ def _notes(extra: dict[str, Any]) -> list[str]:
         base = g.get(1) or g.get("1")
         parts = [f"{k} per message: {v:.0f} tokens/s" + (f" (x{v / base:.2f})" if base else "") for k, v in g.items()]
         lines += ["", "Coalescing (N=128, C=64): " + "; ".join(parts) + "."]
-    if "transport" in extra:
-        t = {str(n): r for n, r in extra["transport"]["links_over_calls"].items()}
-        lines += [
-            "",
-            f"Stage links against a call per request per hop (C=64, requests/s): x{t['1']} at N=1, "
-            f"x{t['128']} at N=128.",
-        ]
-    if "tls" in extra:
-        t = {str(n): r for n, r in extra["tls"]["tls_over_plaintext"].items()}
-        lines += [
-            "",
-            f"TLS at the edge and mutual TLS on every hop against plaintext (C=64, requests/s): x{t['1']} at N=1, "
-            f"x{t['128']} at N=128.",
-        ]
+    for key, ratios, what in (
+        ("transport", "links_over_calls", "Stage links against a call per request per hop"),
+        ("tls", "tls_over_plaintext", "TLS at the edge and mutual TLS on every hop against plaintext"),
+    ):
+        if key in extra:
+            t = {str(n): r for n, r in extra[key][ratios].items()}
+            lines += ["", f"{what} (C=64, requests/s): x{t['1']} at N=1, x{t['128']} at N=128."]
     if "tenants" in extra:
         t = extra["tenants"]
         lines += [

@@ -54,13 +54,6 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Tenants:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def keyed_mesh(tmp_path_factory: pytest.TempPathFactory, tenants: Tenants, receiver: OtlpReceiver) -> Iterator[Mesh]:
     m = launch(
         tmp_path_factory.mktemp("keyed-mesh"),

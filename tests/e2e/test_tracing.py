@@ -48,13 +48,6 @@ def otel_env(receiver: OtlpReceiver) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def client_tracing(receiver: OtlpReceiver) -> Iterator[TracerProvider]:
     provider = TracerProvider(resource=Resource.create({"service.name": "client"}))
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True)))

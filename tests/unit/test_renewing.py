@@ -43,24 +43,41 @@ class FakeTransport:
         self.closed = True
 
 
+class Factory:
+    """Makes the fake transports, and keeps them."""
+
+    def __init__(self) -> None:
+        self.made: list[FakeTransport] = []
+
+    def __call__(self) -> FakeTransport:
+        self.made.append(FakeTransport(len(self.made)))
+        return self.made[-1]
+
+
+def renew(cert: Path) -> None:
+    """The certificate file rewritten, with a modification time of its own whatever the clock's resolution."""
+    cert.write_text("two, renewed")
+    os.utime(cert, ns=(1, 1))
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> Path:
+    path = tmp_path / "post.pem"
+    path.write_text("one")
+    return path
+
+
 async def test_a_renewed_certificate_gets_a_new_transport_and_the_old_one_closes_after_its_calls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(RenewingTransport, "CHECK_S", 0.0)
-    cert = tmp_path / "post.pem"
-    cert.write_text("one")
-    made: list[FakeTransport] = []
-
-    def make() -> FakeTransport:
-        made.append(FakeTransport(len(made)))
-        return made[-1]
-
-    renewing = RenewingTransport(make, [str(cert)], "the inference stage")
+    factory = Factory()
+    made = factory.made
+    renewing = RenewingTransport(factory, [str(cert)], "the inference stage")
     request = types_pb2.PromptRequest()
     under_way = renewing(request)
     assert len(made) == 1
-    cert.write_text("two, renewed")
-    os.utime(cert, ns=(1, 1))
+    renew(cert)
     after = renewing(request)
     assert len(made) == 2 and renewing.renewals == 1
     assert made[1].calls and not made[0].closed  # the call under way keeps its transport open
@@ -76,16 +93,10 @@ async def test_a_renewed_certificate_gets_a_new_transport_and_the_old_one_closes
     assert made[1].closed
 
 
-async def test_nothing_is_made_again_while_the_files_are_unchanged(tmp_path: Path) -> None:
-    cert = tmp_path / "post.pem"
-    cert.write_text("one")
-    made: list[FakeTransport] = []
-
-    def make() -> FakeTransport:
-        made.append(FakeTransport(len(made)))
-        return made[-1]
-
-    renewing = RenewingTransport(make, [str(cert)], "x")
+async def test_nothing_is_made_again_while_the_files_are_unchanged(cert: Path) -> None:
+    factory = Factory()
+    made = factory.made
+    renewing = RenewingTransport(factory, [str(cert)], "x")
     for _ in range(100):
         renewing(types_pb2.PromptRequest()).cancel()
     assert len(made) == 1 and await renewing.healthy(1.0)
