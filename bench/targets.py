@@ -77,7 +77,7 @@ class MeshTarget(GrpcTarget):
     def __init__(
         self, mesh: Mesh, credentials: grpc.ChannelCredentials | None = None, token: str | None = None
     ) -> None:
-        pids = {name: p.popen.pid for name, p in mesh.stages.items()}
+        pids = {p.key: p.popen.pid for procs in mesh.replicas.values() for p in procs}
         super().__init__("mesh", mesh.entry, pids, credentials, token)
         self.mesh = mesh
         self.owns_mesh = True

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.core.config import ConfigError, TlsConfig, load_config
+from orchestrator.core.config import ConfigError, StageConfig, TlsConfig, load_config
 from orchestrator.core.graph import CALLEE, EDGE, STAGES
 from orchestrator.runtime.security import operator_channel
 
@@ -35,6 +35,8 @@ class StageProcess:
     env: dict[str, str]
     config: str | None
     metrics_address: str = ""
+    # Which replica of its stage (0: the first).
+    index: int = 0
     health_address: str = ""
     # AdminService's own listener, when the stage has one (``<stage>.admin_port``); else its address.
     admin_address: str = ""
@@ -42,6 +44,11 @@ class StageProcess:
     @property
     def port(self) -> int:
         return int(self.address.rpartition(":")[2])
+
+    @property
+    def key(self) -> str:
+        """The replica's name: its stage's, with its index after the first (``inference-1``)."""
+        return self.name if self.index == 0 else f"{self.name}-{self.index}"
 
 
 def _tail(path: Path | None, lines: int = 20) -> str:
@@ -108,14 +115,19 @@ def wait_healthy(address: str, timeout_s: float, tls: TlsConfig | None = None, s
 
 @dataclass
 class Mesh:
-    """Five running stage processes; ``entry`` is the address clients call."""
+    """The running stage processes, each stage's replicas in order; ``entry`` is the address clients call."""
 
     run_dir: Path
-    stages: dict[str, StageProcess] = field(default_factory=dict)
+    replicas: dict[str, list[StageProcess]] = field(default_factory=dict)
     # A command every stage runs under (e.g. ``taskset -c 0``: the bench's one-core runs).
     wrap: Sequence[str] = ()
     # The stages' TLS settings: how operator tools reach them.
     tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @property
+    def stages(self) -> dict[str, StageProcess]:
+        """Each stage's first replica."""
+        return {name: procs[0] for name, procs in self.replicas.items() if procs}
 
     @property
     def entry(self) -> str:
@@ -124,16 +136,29 @@ class Mesh:
     def address(self, stage: str) -> str:
         return self.stages[stage].address
 
-    def spawn(self, name: str, env: Mapping[str, str], config: str | None, log_to_files: bool) -> StageProcess:
-        log_path = self.run_dir / f"{name}.log" if log_to_files else None
-        popen = spawn_stage(name, env, self.run_dir / f"{name}.ready", log_path, config, self.wrap)
-        proc = StageProcess(name, popen, "", log_path, dict(env), config)
-        self.stages[name] = proc
+    def addresses(self, stage: str) -> list[str]:
+        """Where every replica of ``stage`` listens."""
+        return [proc.address for proc in self.replicas.get(stage, [])]
+
+    def spawn(
+        self, name: str, env: Mapping[str, str], config: str | None, log_to_files: bool, index: int = 0
+    ) -> StageProcess:
+        """Start replica ``index`` of the stage ``name`` (the first replica keeps the stage's own file names)."""
+        key = name if index == 0 else f"{name}-{index}"
+        log_path = self.run_dir / f"{key}.log" if log_to_files else None
+        popen = spawn_stage(name, env, self.run_dir / f"{key}.ready", log_path, config, self.wrap)
+        proc = StageProcess(name, popen, "", log_path, dict(env), config, index=index)
+        procs = self.replicas.setdefault(name, [])
+        if index < len(procs):
+            procs[index] = proc
+        else:
+            procs.append(proc)
         return proc
 
     def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        info = wait_ready_file(proc.name, proc.popen, self.run_dir / f"{proc.name}.ready", proc.log_path, timeout_s)
+        ready = self.run_dir / f"{proc.key}.ready"
+        info = wait_ready_file(proc.key, proc.popen, ready, proc.log_path, timeout_s)
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
         proc.health_address = info.get("health_address", "")
@@ -144,37 +169,54 @@ class Mesh:
         """A blocking channel to ``stage`` for operator calls (health, admin), TLS or not as the mesh is."""
         return operator_channel(self.tls, self.address(stage), stage)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one stage (tests of failure handling)."""
-        proc = self.stages[name]
+    def kill(self, name: str, index: int = 0) -> None:
+        """SIGKILL one replica of a stage (tests of failure handling)."""
+        proc = self.replicas[name][index]
         proc.popen.kill()
         proc.popen.wait()
 
-    def restart(self, name: str, timeout_s: float = 30.0) -> None:
-        """Start a stopped stage again on the same port, with the same settings."""
-        old = self.stages[name]
+    def restart(self, name: str, timeout_s: float = 30.0, index: int = 0) -> None:
+        """Start a stopped replica again on the same port, with the same settings."""
+        old = self.replicas[name][index]
         if old.popen.poll() is None:
-            raise LaunchError(f"{name} stage is still running")
+            raise LaunchError(f"{old.key} stage is still running")
         env = dict(old.env)
         env[f"ORCH_{name.upper()}_PORT"] = str(old.port)
-        proc = self.spawn(name, env, old.config, old.log_path is not None)
+        proc = self.spawn(name, env, old.config, old.log_path is not None, index)
         self.wait_ready(proc, timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
-        """SIGTERM every stage, edge first so no new work flows down; SIGKILL what outlives the timeout."""
-        for name in reversed(STAGES):
-            proc = self.stages.get(name)
-            if proc is not None and proc.popen.poll() is None:
+        """SIGTERM every process, edge first so no new work flows down; SIGKILL what outlives the timeout.
+        Returns each process's exit code, by stage (``inference-1`` for a further replica)."""
+        procs = [proc for name in reversed(STAGES) for proc in self.replicas.get(name, [])]
+        for proc in procs:
+            if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         codes = {}
-        for name, proc in self.stages.items():
+        for proc in procs:
             try:
-                codes[name] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                codes[proc.key] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
-                codes[name] = proc.popen.wait()
+                codes[proc.key] = proc.popen.wait()
         return codes
+
+
+def _replica_env(env: dict[str, str], name: str, index: int, cfg: StageConfig) -> dict[str, str]:
+    """A further replica's settings: a free port for each listener the first replica has at a fixed one."""
+    if index == 0:
+        return env
+    up = name.upper()
+    out = dict(env) | {f"ORCH_{up}_PORT": "0"}
+    for setting, value in (
+        ("METRICS_PORT", cfg.metrics_port),
+        ("HEALTH_PORT", cfg.health_port),
+        ("ADMIN_PORT", cfg.admin_port),
+    ):
+        if value > 0:
+            out[f"ORCH_{up}_{setting}"] = "0"
+    return out
 
 
 def start_mesh(
@@ -186,27 +228,32 @@ def start_mesh(
     timeout_s: float = 30.0,
     wrap: Sequence[str] = (),
 ) -> Mesh:
-    """Start the stages in data-flow order (RAG first, the edge last).
+    """Start the stages in data-flow order (RAG first, the edge last), each stage's ``replicas`` processes at once.
 
-    Each stage binds the port its config gives (0: any free port, reported through a
-    ready file) and is told where its callee listens through ``ORCH_<CALLEE>_REPLICAS``.
-    On any failure, the stages already started are stopped before raising.
+    The first replica binds the port its config gives (0: any free port, reported through a ready file), the
+    others free ports; each stage is told where every replica of its callee listens through
+    ``ORCH_<CALLEE>_ENDPOINTS``. On any failure, the processes already started are stopped before raising.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if env is None else env)
     try:
-        tls = load_config(config, base_env).tls
+        cfg = load_config(config, base_env)
     except ConfigError as exc:
         raise LaunchError(str(exc)) from None
-    mesh = Mesh(run_dir, wrap=wrap, tls=tls)
+    mesh = Mesh(run_dir, wrap=wrap, tls=cfg.tls)
     try:
         for name in STAGES:
             stage_env = dict(base_env)
             callee = CALLEE.get(name)
             if callee is not None:
-                stage_env[f"ORCH_{callee.upper()}_REPLICAS"] = mesh.address(callee)
-            proc = mesh.spawn(name, stage_env, config, log_to_files)
-            mesh.wait_ready(proc, timeout_s)
+                stage_env[f"ORCH_{callee.upper()}_ENDPOINTS"] = ",".join(mesh.addresses(callee))
+            own = cfg.stage(name)
+            procs = [
+                mesh.spawn(name, _replica_env(stage_env, name, i, own), config, log_to_files, i)
+                for i in range(own.replicas)
+            ]
+            for proc in procs:
+                mesh.wait_ready(proc, timeout_s)
     except BaseException:
         mesh.stop(timeout_s=5.0)
         raise

@@ -117,7 +117,7 @@ async def test_a_caller_refuses_a_callee_whose_certificate_names_another_stage(
         inference = spawn_stage("inference", wrong, tmp_path / "inference.ready", tmp_path / "inference.log")
         procs.append(inference)
         address = wait_ready_file("inference", inference, tmp_path / "inference.ready", None, 30)["address"]
-        env |= {"ORCH_INFERENCE_REPLICAS": address, "ORCH_POST_METRICS_PORT": "-1"}
+        env |= {"ORCH_INFERENCE_ENDPOINTS": address, "ORCH_POST_METRICS_PORT": "-1"}
         post = spawn_stage("post", env, tmp_path / "post.ready", tmp_path / "post.log")
         procs.append(post)
         address = wait_ready_file("post", post, tmp_path / "post.ready", None, 30)["address"]

@@ -28,7 +28,7 @@ async def start_all(env: dict[str, str]) -> dict[str, RunningStage]:
     for name in STAGES:
         stage_env = dict(env)
         if name in CALLEE:
-            stage_env.setdefault(f"ORCH_{CALLEE[name].upper()}_REPLICAS", running[CALLEE[name]].address)
+            stage_env.setdefault(f"ORCH_{CALLEE[name].upper()}_ENDPOINTS", running[CALLEE[name]].address)
         app = module(name).build(load_config(env=stage_env), Telemetry())
         running[name] = await start_stage(app, "127.0.0.1", 0)
     return running

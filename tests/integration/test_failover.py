@@ -73,7 +73,7 @@ async def test_a_replica_gone_silent_is_ejected_and_its_sessions_fail_over(links
     b = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
     freezer = await Freezer(a.address).start()
     replicas = [freezer.address, b.address]
-    running = await start_all({"ORCH_RAG_REPLICAS": ",".join(replicas), "ORCH_SERVER_STAGE_LINKS": links})
+    running = await start_all({"ORCH_RAG_ENDPOINTS": ",".join(replicas), "ORCH_SERVER_STAGE_LINKS": links})
     try:
         owned = sessions_owned_by(freezer.address, replicas, 4)
         async with AsyncOrchestratorClient(running["stream"].address) as client:
@@ -114,7 +114,7 @@ async def test_a_replica_that_answers_not_serving_takes_no_new_calls_until_it_se
     a = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
     b = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
     replicas = [a.address, b.address]
-    running = await start_all({"ORCH_RAG_REPLICAS": ",".join(replicas)})
+    running = await start_all({"ORCH_RAG_ENDPOINTS": ",".join(replicas)})
     assemble = running["assemble"]
     try:
         owned = sessions_owned_by(a.address, replicas, 3)
@@ -147,7 +147,7 @@ async def test_idle_links_are_not_cut_for_pinging(rag_keepalive_s: str, reopened
     RAG stage configured with a far longer keepalive permits far fewer pings, and cuts its link."""
     rag_env = {"ORCH_NETWORK_KEEPALIVE_TIME_S": rag_keepalive_s}
     callee = await start_stage(rag.build(load_config(env=rag_env), Telemetry()), "127.0.0.1", 0)
-    running = await start_all({"ORCH_RAG_REPLICAS": callee.address, "ORCH_NETWORK_KEEPALIVE_TIME_S": "1"})
+    running = await start_all({"ORCH_RAG_ENDPOINTS": callee.address, "ORCH_NETWORK_KEEPALIVE_TIME_S": "1"})
     try:
         async with AsyncOrchestratorClient(running["stream"].address) as client:
             await client.complete("open the links", session="k", max_tokens=2, timeout=10)

@@ -60,7 +60,7 @@ async def test_shed_at_the_far_end_reaches_the_client_with_its_stage(stages: dic
         assert sample(stages[name], "requests_total", stage=name, outcome="shed_below") == 1, name
 
 
-@pytest.mark.parametrize("stages", [{"ORCH_RAG_REPLICAS": "127.0.0.1:1"}], indirect=True)
+@pytest.mark.parametrize("stages", [{"ORCH_RAG_ENDPOINTS": "127.0.0.1:1"}], indirect=True)
 async def test_unreachable_downstream_is_unavailable(stages: dict[str, RunningStage]) -> None:
     # Assemble is pointed at a port where nothing listens.
     async with AsyncOrchestratorClient(stages["stream"].address) as client:
@@ -77,7 +77,7 @@ async def test_unreachable_replica_falls_back_to_the_next_one() -> None:
 
     live = await start_stage(rag.build(load_config(env={}), Telemetry()), "127.0.0.1", 0)
     replicas = f"127.0.0.1:1,{live.address}"
-    running = await start_all({"ORCH_RAG_REPLICAS": replicas})
+    running = await start_all({"ORCH_RAG_ENDPOINTS": replicas})
     try:
         sessions = [f"s{i}" for i in range(12)]
         first_choices = {rendezvous_order(s, replicas.split(","))[0] for s in sessions}

@@ -32,14 +32,14 @@ def start_mesh(net: Network, links: str = "true", **inference: dict[str, str]) -
         ORCH_TLS_CLIENT_CA_FILE=f"{certs}/ca.pem",
     )
     rag = edge_host.start_stage("rag", env)
-    assemble = edge_host.start_stage("assemble", env | {"ORCH_RAG_REPLICAS": rag})
+    assemble = edge_host.start_stage("assemble", env | {"ORCH_RAG_ENDPOINTS": rag})
     replicas, hosts = [], {}
     for name, settings in inference.items():
         hosts[name] = net.host(name)
-        own = {"ORCH_ASSEMBLE_REPLICAS": assemble, "ORCH_INFERENCE_WORKER_NAME": name, **settings}
+        own = {"ORCH_ASSEMBLE_ENDPOINTS": assemble, "ORCH_INFERENCE_WORKER_NAME": name, **settings}
         replicas.append(hosts[name].start_stage("inference", env | own))
-    post = edge_host.start_stage("post", env | {"ORCH_INFERENCE_REPLICAS": ",".join(replicas)})
-    edge = edge_host.start_stage("stream", env | {"ORCH_POST_REPLICAS": post})
+    post = edge_host.start_stage("post", env | {"ORCH_INFERENCE_ENDPOINTS": ",".join(replicas)})
+    edge = edge_host.start_stage("stream", env | {"ORCH_POST_ENDPOINTS": post})
     return {
         "edge": edge,
         "edge_host": edge_host,

@@ -25,7 +25,7 @@ def test_defaults_are_the_documented_capacities() -> None:
 def test_toml_then_env_override(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text(
-        '[inference]\nqueue_capacity = 8\n[inference.worker.echo]\nttft_ms = 5\n[rag]\nreplicas = ["a:1"]\n'
+        '[inference]\nqueue_capacity = 8\n[inference.worker.echo]\nttft_ms = 5\n[rag]\nendpoints = ["a:1"]\n'
     )
     cfg = load_config(path, env={"ORCH_INFERENCE_QUEUE_CAPACITY": "16", "ORCH_STREAM_LOG_SINK": "true"})
     assert cfg.inference.queue_capacity == 16
@@ -40,8 +40,8 @@ def test_config_path_from_env(tmp_path: Path) -> None:
     assert load_config(env={"ORCH_CONFIG": str(path)}).post.concurrency == 3
 
 
-def test_replicas_from_env_are_comma_separated() -> None:
-    cfg = load_config(env={"ORCH_POST_REPLICAS": "h1:1, h2:2"})
+def test_endpoints_from_env_are_comma_separated() -> None:
+    cfg = load_config(env={"ORCH_POST_ENDPOINTS": "h1:1, h2:2"})
     assert cfg.post.addresses() == ("h1:1", "h2:2")
 
 
@@ -56,7 +56,7 @@ def test_wildcard_host_is_reached_on_loopback() -> None:
         ({"ORCH_RAG_TOPK": "3"}, "unknown variable ORCH_RAG_TOPK (did you mean ORCH_RAG_TOP_K?)"),
         ({"ORCH_RAG_TOP_K": "three"}, "ORCH_RAG_TOP_K: expected an integer, got 'three'"),
         ({"ORCH_STREAM_LOG_SINK": "maybe"}, "expected true or false"),
-        ({"ORCH_POST_REPLICAS": "nohostport"}, "post.replicas entry 'nohostport' is not host:port"),
+        ({"ORCH_POST_ENDPOINTS": "nohostport"}, "post.endpoints entry 'nohostport' is not host:port or dns:NAME:PORT"),
         ({"ORCH_INFERENCE_COALESCE_TOKENS": "0"}, "inference.coalesce_tokens must be >= 1"),
         ({"ORCH_LIMITS_DEFAULT_MAX_TOKENS": "9000"}, "limits.default_max_tokens must be <= limits.max_tokens_limit"),
         ({"ORCH_SERVER_LOG_LEVEL": "LOUD"}, "server.log_level 'LOUD'"),

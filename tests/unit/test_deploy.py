@@ -54,7 +54,7 @@ def test_compose_wires_every_stage_to_its_callee_with_tracing() -> None:
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
         if stage in CALLEE:
             callee = CALLEE[stage]
-            assert env[f"ORCH_{callee.upper()}_REPLICAS"] == f"{callee}:{cfg.stage(callee).port}"
+            assert env[f"ORCH_{callee.upper()}_ENDPOINTS"] == f"{callee}:{cfg.stage(callee).port}"
         assert svc["healthcheck"]["test"][-1] == f"127.0.0.1:{cfg.stage(stage).port}"
         assert svc.get("read_only") is True
 
@@ -146,7 +146,7 @@ def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
         assert "limits" in container["resources"] and "requests" in container["resources"]
         if stage in CALLEE:
             callee = CALLEE[stage]
-            assert env[f"ORCH_{callee.upper()}_REPLICAS"] == f"{callee}-0.{callee}:{cfg.stage(callee).port}"
+            assert env[f"ORCH_{callee.upper()}_ENDPOINTS"] == f"{callee}-0.{callee}:{cfg.stage(callee).port}"
         assert pod["terminationGracePeriodSeconds"] > cfg.server.drain_grace_s
 
 

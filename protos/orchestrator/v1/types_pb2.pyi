@@ -68,14 +68,16 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "queue_ms", "duration_ms")
+    __slots__ = ("stage", "queue_ms", "duration_ms", "replica")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stage: str
     queue_ms: float
     duration_ms: float
-    def __init__(self, stage: _Optional[str] = ..., queue_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+    replica: str
+    def __init__(self, stage: _Optional[str] = ..., queue_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

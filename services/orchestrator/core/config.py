@@ -61,7 +61,10 @@ class StageConfig:
 
     host: str = _f("127.0.0.1", "interface the stage binds")
     port: int = _port(0)
-    replicas: tuple[str, ...] = _f((), "host:port of each replica other stages call (default: host:port)")
+    replicas: int = _f(1, "processes of this stage `orchestrator up` starts, each on a free port")
+    endpoints: tuple[str, ...] = _f(
+        (), "where callers reach the replicas: host:port of each, or dns:NAME:PORT for all a name resolves to"
+    )
     queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(64, "requests processed at once")
     metrics_port: int = _metrics_port(-1)
@@ -77,8 +80,8 @@ class StageConfig:
 
     def addresses(self) -> tuple[str, ...]:
         """Where callers reach this stage."""
-        if self.replicas:
-            return self.replicas
+        if self.endpoints:
+            return self.endpoints
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
         return (f"{host}:{self.port}",)
 
@@ -100,10 +103,12 @@ class StageConfig:
             out.append(f"{name}.admin_port must be in -1..65535, got {self.admin_port}")
         if self.max_connections < 0:
             out.append(f"{name}.max_connections must be >= 0")
-        for replica in self.replicas:
-            host, sep, port = replica.rpartition(":")
+        if self.replicas < 1:
+            out.append(f"{name}.replicas must be >= 1")
+        for endpoint in self.endpoints:
+            host, sep, port = endpoint.removeprefix("dns:").rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-                out.append(f"{name}.replicas entry {replica!r} is not host:port")
+                out.append(f"{name}.endpoints entry {endpoint!r} is not host:port or dns:NAME:PORT")
         return out
 
 
@@ -316,6 +321,9 @@ class NetworkConfig:
     health_interval_s: float = _f(0.5, "how often a stage checks each replica of the next stage (when it has several)")
     health_timeout_s: float = _f(
         1.0, "a replica that misses this or answers NOT_SERVING takes no new calls until it answers SERVING"
+    )
+    resolve_interval_s: float = _f(
+        5.0, "how often a stage looks up again the replicas its callee's dns: endpoints name (and soon after a failure)"
     )
 
     def problems(self) -> list[str]:
@@ -653,6 +661,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     known = {s.env for s in settings()} | {CONFIG_ENV} | CLIENT_ENV
+    for name, value in env.items():
+        if name.endswith("_REPLICAS") and name in known and ":" in value:
+            problems.append(f"{name} is a count of processes; list where callers reach them in {name[:-9]}_ENDPOINTS")
     for name in env:
         if name.startswith(ENV_PREFIX + "_") and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)

@@ -34,6 +34,8 @@ class Scope:
     model: str = ""
     # How long the request waited for slots in the stages below, once their timings are known.
     queued_below_s: float | None = None
+    # The replica serving the request here (its listening address; "" in process).
+    replica: str = ""
 
     def timing(self) -> types_pb2.StageTiming:
         """This stage's timing so far."""
@@ -41,6 +43,7 @@ class Scope:
             stage=self.stage,
             queue_ms=self.queue_s * 1000,
             duration_ms=(time.perf_counter() - self.admitted_at) * 1000,
+            replica=self.replica,
         )
 
     def saw(self, timings: Iterable[types_pb2.StageTiming]) -> None:

@@ -19,6 +19,7 @@ from opentelemetry.trace import Span
 from orchestrator.core.calls import TENANT, TENANT_KEY, Call, CallContext, Transport
 from orchestrator.core.errors import ChannelClosed, DeadlineExceeded, OrchestratorError, from_rpc_error
 from orchestrator.core.telemetry import Telemetry, mark_span
+from orchestrator.runtime.discovery import Discovery
 from orchestrator.runtime.replicas import Replicas, Waiting
 from orchestrator.v1 import types_pb2
 
@@ -41,10 +42,17 @@ class Downstream(Generic[T]):
     whose end and status we set ourselves, so an abandoned stream shows as cancelled, not OK.
     """
 
-    def __init__(self, replicas: Replicas, rpc: str = "", telemetry: Telemetry | None = None) -> None:
-        if not replicas.addresses:
+    def __init__(
+        self,
+        replicas: Replicas,
+        rpc: str = "",
+        telemetry: Telemetry | None = None,
+        discovery: Discovery | None = None,
+    ) -> None:
+        if not replicas.addresses and discovery is None:
             raise ValueError(f"no address configured for the {replicas.stage} stage")
         self.replicas = replicas
+        self.discovery = discovery
         self.stage = replicas.stage
         self.rpc = rpc or self.stage
         self._telemetry = telemetry or Telemetry()
@@ -57,7 +65,7 @@ class Downstream(Generic[T]):
     async def stream(
         self, request: types_pb2.PromptRequest, context: CallContext | None = None
     ) -> AsyncGenerator[T, None]:
-        order = self.replicas.order(request.session.id)
+        order = self._order(request.session.id)
         for attempt, addr in enumerate(order):
             call, span = self._start(addr, request, context)
             waiting = self.replicas.waiting(addr, call)
@@ -97,6 +105,15 @@ class Downstream(Generic[T]):
         # Every replica was tried and each was ejected before it answered.
         raise ChannelClosed(f"no replica of the {self.stage} stage answered", stage=self.stage)
 
+    def _order(self, session: str) -> list[str]:
+        """The replicas this session tries, in order (looked up first, when they are discovered)."""
+        if self.discovery is not None:
+            self.discovery.start()
+        order = self.replicas.order(session)
+        if not order:
+            raise ChannelClosed(f"no replica of the {self.stage} stage is known yet", stage=self.stage)
+        return order
+
     def _start(self, addr: str, request: types_pb2.PromptRequest, context: CallContext | None) -> tuple[Call, Span]:
         """Call ``addr`` with the caller's remaining deadline, in a CLIENT span; cancelled when the caller's
         own RPC ends."""
@@ -108,7 +125,7 @@ class Downstream(Generic[T]):
         if tenant:
             metadata = (*metadata, (TENANT_KEY, tenant))
         span.set_attribute("net.peer.name", addr)
-        call = self.replicas.transports[addr](request, timeout=timeout, metadata=metadata or None)
+        call = self.replicas.start(addr, request, timeout=timeout, metadata=metadata or None)
         task = asyncio.current_task() if context is not None else None
         if task is not None:
             # Runs when the task serving our own RPC ends (done, cancelled, deadline): stop the work
@@ -133,10 +150,14 @@ class Downstream(Generic[T]):
         unavailable before it sent anything."""
         mapped = from_rpc_error(err, self.stage)
         mark_span(span, err.code().name, mapped.message)
+        if err.code() == grpc.StatusCode.UNAVAILABLE and self.discovery is not None:
+            self.discovery.nudge()  # it may have left: look the replicas up again soon
         if retry and err.code() == grpc.StatusCode.UNAVAILABLE and mapped.stage == self.stage:
             log.warning("stage=%s replica=%s unavailable; trying the next replica", self.stage, addr)
             return None
         return mapped
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.replicas.close()

@@ -327,6 +327,7 @@ async def start_stage(
     credentials = app.certificates.credentials() if app.certificates is not None else None
     address = bind(server, host, port, f"{app.name} stage", credentials)
     await server.start()
+    app.runtime.replica = address
     running = RunningStage(app, server, health_servicer, address, admin)
     await running.set_serving(True)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)

@@ -111,6 +111,8 @@ class StageRuntime:
         self.gate = gate
         # The API keys this process knows (None: no keys file), for the edge and the admin service.
         self.keys = keys
+        # Where this replica listens, once it does: reported in each request's timings.
+        self.replica = ""
         self.outcomes = Outcomes()
         self.draining = False
         self._summaries = {k: _Summary() for k in ("shed", "invalid", "denied", "rate_limited")}
@@ -298,7 +300,13 @@ class StageRuntime:
         self.telemetry.record_queue_wait(self.stage, slot.queue_s)
         span.set_attribute("orchestrator.queue.wait_ms", slot.queue_s * 1000)
         return Scope(
-            self.stage, request.request_id, slot.queue_s, slot.admitted_at, span=span, telemetry=self.telemetry
+            self.stage,
+            request.request_id,
+            slot.queue_s,
+            slot.admitted_at,
+            span=span,
+            telemetry=self.telemetry,
+            replica=self.replica,
         )
 
     def _track(self, delta: int) -> None:

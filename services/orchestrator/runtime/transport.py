@@ -22,6 +22,7 @@ from orchestrator.core.calls import Call, Metadata, Transport, channel_options
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.graph import CALLEE, Stage, stage
 from orchestrator.core.telemetry import Telemetry
+from orchestrator.runtime.discovery import Discovery, resolve_now, split_endpoints
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import LinkClient
 from orchestrator.runtime.replicas import Replicas
@@ -172,7 +173,7 @@ class RenewingTransport:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def connect(caller: str, callee: Stage, address: str, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
+def connect(caller: str, callee: Stage, address: str, *, cfg: MeshConfig, telemetry: Telemetry) -> Transport:
     """A transport from ``caller`` to the replica of ``callee`` at ``address``, as ``cfg`` configures hops:
     mutual TLS when the mesh has certificates, each end checking the other's stage name, made again when the
     caller's certificate is renewed."""
@@ -202,6 +203,10 @@ def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstr
     if caller not in CALLEE:
         raise ValueError(f"the {caller} stage calls no other stage")
     callee = stage(CALLEE[caller])
-    addresses: Sequence[str] = cfg.stage(callee.name).addresses()
-    transports = {addr: connect(caller, callee, addr, cfg, telemetry) for addr in addresses}
-    return Downstream(Replicas(callee.name, transports, cfg.network, telemetry), callee.rpc, telemetry)
+    fixed, names = split_endpoints(cfg.stage(callee.name).addresses())
+    addresses: Sequence[str] = [*fixed, *resolve_now(names)]
+    make = partial(connect, caller, callee, cfg=cfg, telemetry=telemetry)
+    transports = {addr: make(addr) for addr in addresses}
+    replicas = Replicas(callee.name, transports, cfg.network, telemetry, connect=make)
+    discovery = Discovery(replicas, fixed, names, cfg.network) if names else None
+    return Downstream(replicas, callee.rpc, telemetry, discovery)
