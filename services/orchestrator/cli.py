@@ -20,6 +20,8 @@ from orchestrator.launcher import LaunchError, start_mesh
 if TYPE_CHECKING:  # grpc is imported where it is used: `orchestrator validate` and `config` start faster
     import grpc
 
+    from orchestrator.v1 import admin_pb2
+
 DEFAULT_CONFIG = "pipeline.toml"
 
 
@@ -62,7 +64,7 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
     if _load(path) is None:  # report config problems once, here, rather than from five processes
         return 1
     run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-mesh-"))
-    print(f"starting rag, assemble, inference, post, stream (logs: {run_dir})", flush=True)
+    print(f"starting {', '.join(STAGES)} (logs: {run_dir})", flush=True)
     try:
         mesh = start_mesh(run_dir, config=path, log_to_files=demo or not args.foreground_logs)
     except (LaunchError, OSError) as exc:
@@ -70,7 +72,8 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
         return 1
     try:
         for name in STAGES:
-            print(f"  {name:<9} {mesh.address(name)}  pid {mesh.stages[name].popen.pid}", flush=True)
+            for proc in mesh.replicas[name]:
+                print(f"  {proc.key:<11} {proc.address}  pid {proc.popen.pid}", flush=True)
         if demo:
             from orchestrator.core.telemetry import build_telemetry
             from orchestrator.demo import run_demo
@@ -101,6 +104,8 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """Every replica's queue, counters and worker. Without addresses, the mesh is walked from the edge: each stage
+    says which replicas of the next one it calls, so replicas on free ports or found by DNS are listed too."""
     import grpc
 
     from orchestrator.v1 import admin_pb2, admin_pb2_grpc
@@ -108,38 +113,48 @@ def _status(args: argparse.Namespace) -> int:
     cfg = _load(_config_path(args.config))
     if cfg is None:
         return 1
+    walk = bool(args.walk_from) or (not args.addresses and not any(cfg.stage(n).admin_port > 0 for n in STAGES))
     if args.addresses:
-        targets: list[tuple[str | None, str]] = [(None, addr) for addr in args.addresses]
-    else:
-        targets = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
+        queue: list[tuple[str | None, str]] = [(None, addr) for addr in args.addresses]
+    elif walk:
+        queue = [(EDGE, addr) for addr in ([args.walk_from] if args.walk_from else cfg.stage(EDGE).addresses())]
+    else:  # each stage's admin listener, on this machine
+        queue = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
     print(
         f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
         f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  worker"
     )
     metadata = _admin_metadata(args.token_file)
     failed = 0
-    for name, address in targets:
+    seen: set[str] = set()
+    while queue:
+        name, address = queue.pop(0)
+        if address in seen:
+            continue
+        seen.add(address)
         with _admin_channel(cfg, address, name) as channel:
             try:
                 s = admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
                     admin_pb2.GetStatusRequest(), timeout=2, metadata=metadata
                 )
             except grpc.RpcError as err:
-                print(f"{'?':<10} {address:<22} {err.code().name}: {err.details()}")
+                print(f"{name or '?':<10} {address:<22} {err.code().name}: {err.details()}")
                 failed += 1
                 continue
-        q, c = s.queue, s.counters
-        worker = (
-            f"{s.worker.name} ({s.worker.active} generating, {s.worker.tokens_generated} tokens)"
-            if s.worker.name
-            else ""
-        )
-        print(
-            f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
-            f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "
-            f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
-        )
+        print(_status_row(s, address))
+        if walk:
+            queue += [(c.stage, c.address) for c in s.callees]
     return 1 if failed else 0
+
+
+def _status_row(s: admin_pb2.GetStatusResponse, address: str) -> str:
+    q, c, w = s.queue, s.counters, s.worker
+    worker = f"{w.name} ({w.active} generating, {w.tokens_generated} tokens)" if w.name else ""
+    return (
+        f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
+        f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "
+        f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
+    )
 
 
 def _admin_addresses(cfg: MeshConfig, name: str) -> tuple[str, ...]:
@@ -290,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", help=f"pipeline TOML with the stage addresses (default: ./{DEFAULT_CONFIG} if present)")
     p.add_argument("addresses", nargs="*", help="host:port of stages to ask instead of the configured ones")
     p.add_argument("--token-file", help="file holding an admin API key (default: $ORCH_TOKEN, if set)")
+    p.add_argument(
+        "--from",
+        dest="walk_from",
+        metavar="EDGE",
+        help="walk the mesh from this edge address (default: the configured one): every replica it reaches",
+    )
     p = sub.add_parser("keys", help="add, revoke or list API keys in a keys file (auth.keys_file)")
     p.add_argument("action", choices=("add", "revoke", "list"))
     p.add_argument("file", help="the keys file (created owner-only)")

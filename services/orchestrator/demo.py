@@ -37,6 +37,8 @@ class DemoResult:
     request_id: str = ""
     trace_id: str = ""
     summary: str = ""
+    # The inference replica that answered (its address).
+    replica: str = ""
 
 
 async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tokens: int) -> DemoResult:
@@ -55,6 +57,7 @@ async def _one(client: AsyncOrchestratorClient, session: str, text: str, max_tok
                 reason = FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
                 stages = ", ".join(f"{t.stage} {t.duration_ms:.1f}" for t in done.timings)
                 result.summary = f"{done.usage.completion_tokens} tokens ({reason}) by {done.model}; stage ms: {stages}"
+                result.replica = next((t.replica for t in done.timings if t.stage == "inference"), "")
     except OrchestratorRpcError as err:
         result.error = err
     result.text = "".join(parts)
@@ -75,6 +78,7 @@ async def run_demo(
     connect over TLS.
     """
     counts: Counter[str] = Counter()
+    sessions_by_replica: dict[str, set[str]] = {}
     async with AsyncOrchestratorClient(target, tracer_provider=tracer_provider, credentials=credentials) as client:
         tasks = [asyncio.create_task(_one(client, s, t, max_tokens)) for s, t in DEMO_REQUESTS]
         for n, finished in enumerate(asyncio.as_completed(tasks), 1):
@@ -83,6 +87,7 @@ async def run_demo(
             print(f"  Q: {r.input}", file=out)
             if r.error is None:
                 counts["completed"] += 1
+                sessions_by_replica.setdefault(r.replica, set()).add(r.session)
                 answer = r.text.strip().replace("\n", "\n     ")
                 print(f"  A: {answer}", file=out)
                 print(f"  first chunk {r.first_chunk_ms:.1f} ms, total {r.total_ms:.1f} ms; {r.summary}", file=out)
@@ -96,4 +101,7 @@ async def run_demo(
         f"(of {len(DEMO_REQUESTS)})",
         file=out,
     )
+    if len(sessions_by_replica) > 1:  # several inference replicas: where each session went (rendezvous hashing)
+        spread = "; ".join(f"{r}: {', '.join(sorted(s))}" for r, s in sorted(sessions_by_replica.items()))
+        print(f"inference replicas by session: {spread}", file=out)
     return counts

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -68,13 +69,27 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., active: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., last_generation_end_unix_nanos: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("stage", "queue", "counters", "worker")
+    __slots__ = ("stage", "queue", "counters", "worker", "callees", "replica")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    CALLEES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stage: str
     queue: QueueStatus
     counters: Counters
     worker: WorkerStatus
-    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+    callees: _containers.RepeatedCompositeFieldContainer[CalleeReplica]
+    replica: str
+    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., callees: _Optional[_Iterable[_Union[CalleeReplica, _Mapping]]] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class CalleeReplica(_message.Message):
+    __slots__ = ("stage", "address", "ejected")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    address: str
+    ejected: bool
+    def __init__(self, stage: _Optional[str] = ..., address: _Optional[str] = ..., ejected: _Optional[bool] = ...) -> None: ...

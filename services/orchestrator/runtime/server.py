@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         out = self._app.runtime.status()
         if self._app.worker_status is not None:
             out.worker.CopyFrom(self._app.worker_status())
+        if self._app.downstream is not None:
+            replicas = self._app.downstream.replicas
+            out.callees.extend(
+                admin_pb2.CalleeReplica(stage=replicas.stage, address=a, ejected=a in replicas.ejected)
+                for a in replicas.addresses
+            )
         return out
 
 
@@ -274,6 +281,12 @@ def add_health_and_reflection(
     return health_servicer
 
 
+def advertised(address: str) -> str:
+    """How a replica names itself: its address, or its host name with the port when it binds every interface."""
+    host, _, port = address.rpartition(":")
+    return f"{socket.gethostname()}:{port}" if host in ("0.0.0.0", "[::]", "::", "") else address
+
+
 def bind(
     server: grpc.aio.Server, host: str, port: int, what: str, credentials: grpc.ServerCredentials | None = None
 ) -> str:
@@ -327,7 +340,7 @@ async def start_stage(
     credentials = app.certificates.credentials() if app.certificates is not None else None
     address = bind(server, host, port, f"{app.name} stage", credentials)
     await server.start()
-    app.runtime.replica = address
+    app.runtime.replica = advertised(address)
     running = RunningStage(app, server, health_servicer, address, admin)
     await running.set_serving(True)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)

@@ -399,6 +399,7 @@ class StageRuntime:
         adm = self.admission
         return admin_pb2.GetStatusResponse(
             stage=self.stage,
+            replica=self.replica,
             queue=admin_pb2.QueueStatus(
                 capacity=adm.capacity,
                 concurrency=adm.concurrency,
