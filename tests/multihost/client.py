@@ -174,7 +174,59 @@ async def watch(spec: dict[str, Any]) -> dict[str, Any]:
         }
 
 
-SCENARIOS = {"partition": partition, "hold": hold, "lossy": lossy, "watch": watch}
+async def load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Requests from many sessions, ``spec["workers"]`` at a time, until stdin says ``stop``: when each was sent
+    (monotonic clock, shared by every process on the machine), its session, and the inference replica that
+    answered or the error."""
+    samples: list[dict[str, Any]] = []
+    stop = asyncio.Event()
+    sessions = [f"u{i}" for i in range(spec["sessions"])]
+
+    async def worker(w: int) -> None:
+        n = w
+        while not stop.is_set():
+            session = sessions[n % len(sessions)]
+            n += spec["workers"]
+            sent = time.monotonic()
+            try:
+                result = await client.complete("Who answers me now?", session=session, max_tokens=8, timeout=30)
+            except OrchestratorRpcError as err:
+                samples.append({"t": sent, "session": session, "error": f"{err.code.name} {err.stage} {err.message}"})
+                continue
+            replica = next(t.replica for t in result.completion.timings if t.stage == "inference")
+            samples.append({"t": sent, "session": session, "replica": replica, "done": time.monotonic()})
+
+    async with edge_client(spec) as client:
+        await wait_ready(spec)
+        tasks = [asyncio.create_task(worker(w)) for w in range(spec["workers"])]
+        print(json.dumps({"under_way": True}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stop.set()
+        await asyncio.gather(*tasks)
+    return {"samples": samples}
+
+
+async def callees(spec: dict[str, Any]) -> dict[str, Any]:
+    """Poll a stage's status until the replicas it calls are exactly ``spec["expect"]``: when that was first so."""
+    async with stage_channel(spec, spec["address"], spec["stage"]) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        deadline = time.monotonic() + spec["timeout_s"]
+        while True:
+            status = await admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=2)
+            known = sorted(c.address for c in status.callees)
+            if known == sorted(spec["expect"]) or time.monotonic() > deadline:
+                return {"at": time.monotonic(), "callees": known}
+            await asyncio.sleep(0.05)
+
+
+SCENARIOS = {
+    "partition": partition,
+    "hold": hold,
+    "lossy": lossy,
+    "watch": watch,
+    "load": load,
+    "callees": callees,
+}
 
 
 def main() -> None:

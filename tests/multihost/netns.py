@@ -81,13 +81,19 @@ def loss(ns: str, percent: int) -> None:
     )
 
 
+# `ip netns exec NS` mounts the files of /etc/netns/NS over /etc: how a host gets its own resolv.conf.
+NETNS_ETC = Path("/etc/netns")
+
+
 def remove_leftovers() -> None:
-    """Namespaces an interrupted run left behind (deleting one removes its links and rules too)."""
+    """Namespaces (and their /etc files) an interrupted run left behind (deleting one removes its links and rules)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     for line in listed.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    for leftover in NETNS_ETC.glob(f"{PREFIX}*") if NETNS_ETC.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @dataclass
@@ -127,6 +133,12 @@ class Host:
             )
         self.procs.append(proc)
         return proc
+
+    def use_dns(self, server: str) -> None:
+        """Resolve names with the DNS server at ``server`` (for processes started here from now on)."""
+        etc = NETNS_ETC / self.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {server}\noptions timeout:1 attempts:2\n")
 
     def partition(self) -> None:
         partition(self.ns)
@@ -186,3 +198,40 @@ class Network:
                 proc.wait()
         for ns in [h.ns for h in self.hosts] + [self._bridge]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+
+
+class DnsServer:
+    """A real DNS server (dnsmasq) on a host of the network, answering names from a folder of hosts files it
+    watches: a record is a file, so adding or removing one changes what the name resolves to, at once."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.records = host.network.run_dir / "dns-records"
+        self.records.mkdir(exist_ok=True)
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            f"--hostsdir={self.records}",
+            f"--listen-address={host.ip}",
+            "--bind-interfaces",
+            "--local-ttl=0",
+            "--user=root",
+            "--pid-file=",
+        ]
+        self.proc = host.popen(argv, os.environ, "dnsmasq.log")
+
+    @property
+    def address(self) -> str:
+        return self.host.ip
+
+    def add(self, name: str, ip: str) -> None:
+        tmp = self.records.parent / f"dns-record-{ip}.tmp"  # outside the watched folder until it is whole
+        tmp.write_text(f"{ip} {name}\n")
+        tmp.replace(self.records / ip)  # dnsmasq sees a whole file appear
+
+    def remove(self, ip: str) -> None:
+        (self.records / ip).unlink(missing_ok=True)
