@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import compose
 import pytest
 
-from orchestrator.core.config import ConfigError, load_config
+from orchestrator.core.config import ConfigError, MeshConfig, load_config
 from orchestrator.core.graph import CALLEE, STAGES
+from orchestrator.core.telemetry import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -79,75 +82,155 @@ def test_prometheus_config_is_valid() -> None:
 
 
 K8S = DEPLOY / "k8s"
+BASE = K8S / "base"
+OVERLAYS = ("dev", "prod")
+KUBECTL = shutil.which("kubectl")
+
+
+def manifests() -> list[Path]:
+    """Every Kubernetes object file: what the base and the overlays list as resources (not patches)."""
+    import yaml
+
+    files = []
+    for kustomization in sorted(K8S.rglob("kustomization.yaml")):
+        for resource in yaml.safe_load(kustomization.read_text()).get("resources", []):
+            path = kustomization.parent / resource
+            if path.is_file():
+                files.append(path)
+    return files
 
 
 def k8s_documents() -> list[dict]:  # type: ignore[type-arg]
     import yaml
 
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         if path.name != "kustomization.yaml":
             docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
-def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
-    files = [str(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"]
+def render(overlay: str) -> str:
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("kubernetes-validate")), "--strict", "-k", "1.32.0", *files],
+        [str(KUBECTL), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def validate(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kubernetes-validate")), "--strict", "-k", "1.32.0", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("passed") == 16
+    return done.stdout
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the kustomization offline")
-def test_kustomization_renders() -> None:
-    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("kind: StatefulSet") == 5
+def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
+    out = validate(*(str(p) for p in manifests()))
+    assert out.count("passed") == 27  # every object of every file, base (25) and overlays (2)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl renders the kustomizations offline")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_overlay_validates(overlay: str, tmp_path: Path) -> None:
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(render(overlay))
+    out = validate(str(rendered))
+    assert out.count("passed") == rendered.read_text().count("\nkind: ") + rendered.read_text().startswith("kind:")
+    assert len(re.findall(r"^kind: StatefulSet$", rendered.read_text(), re.MULTILINE)) == 5
+
+
+def k8s_config(env: dict[str, str]) -> MeshConfig:
+    """The pods' config (base/pipeline.toml, the ConfigMap) with a container's variables; only the Secrets' files,
+    absent on this machine, are missing."""
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE / "pipeline.toml", env=env)
+    assert all("no such file" in p for p in info.value.problems), info.value.problems
+    with_files = {
+        "ORCH_TLS_CA_FILE": str(BASE / "pipeline.toml"),
+        "ORCH_AUTH_KEYS_FILE": str(BASE / "pipeline.toml"),
+    }
+    return load_config(BASE / "pipeline.toml", env=env | with_files)
 
 
 def test_kubernetes_stages_are_wired_probed_and_locked_down() -> None:
-    cfg = load_config(ROOT / "pipeline.toml", env={})
-    sets = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "StatefulSet"}
+    docs = k8s_documents()
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     assert set(sets) == set(STAGES)
     for stage, sts in sets.items():
         pod = sts["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        env = {e["name"]: e["value"] for e in container["env"]}
-        port = cfg.stage(stage).port
+        env = {e["name"]: e["value"] for e in container["env"] if e["name"] != "ORCH_CONFIG"}
+        cfg = k8s_config(env)
+        own = cfg.stage(stage)
         assert container["args"] == ["stage", stage]
-        health = int(env[f"ORCH_{stage.upper()}_HEALTH_PORT"])  # plaintext health only: the kubelet has no TLS
-        assert health != port
-        assert container["readinessProbe"]["grpc"] == {"port": health}
-        assert container["livenessProbe"]["grpc"] == {"port": health, "service": "orchestrator.liveness"}
-        # Mutual TLS from the stage's own Secret, mounted read-only; the config these settings make is valid.
-        mounts = {m["name"]: m for m in container["volumeMounts"]}
-        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
-        assert secrets == {"tls": f"orchestrator-{stage}-tls", "keys": "orchestrator-keys"}
-        assert all(m["readOnly"] is True for m in mounts.values())
-        assert all(env[f"ORCH_TLS_{k}_FILE"].startswith(mounts["tls"]["mountPath"]) for k in ("CERT", "KEY", "CA"))
+        assert own.host == "0.0.0.0" and cfg.tls.enabled and cfg.auth.keys_file
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": own.port, "health": own.health_port, "metrics": own.metrics_port}
+        # Plaintext health only for the kubelet, which has no TLS.
+        assert container["readinessProbe"]["grpc"] == {"port": own.health_port}
+        assert container["livenessProbe"]["grpc"] == {"port": own.health_port, "service": "orchestrator.liveness"}
         # AdminService on the pod's loopback only: not a container port, so no Service can expose it.
-        admin = int(env[f"ORCH_{stage.upper()}_ADMIN_PORT"])
-        assert admin not in {p["containerPort"] for p in container["ports"]} | {port, health}
-        services = [d for d in k8s_documents() if d["kind"] == "Service"]
-        assert all(admin not in {p["port"] for p in svc["spec"]["ports"]} for svc in services)
-        # API keys on every stage: the edge authenticates clients, and every admin service needs an admin key.
-        assert env["ORCH_AUTH_KEYS_FILE"].startswith(mounts["keys"]["mountPath"])
-        with pytest.raises(ConfigError) as info:  # only because the Secret's files are not on this machine
-            load_config(ROOT / "pipeline.toml", env=env)
-        assert all("no such file" in p for p in info.value.problems), info.value.problems
+        assert cfg.server.admin_host == "127.0.0.1" and own.admin_port not in ports.values()
+        assert all(own.admin_port not in {p["port"] for p in svc["spec"]["ports"]} for svc in services.values())
+        # The config, mutual TLS from the stage's own Secret and the API keys, all mounted read-only.
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == f"orchestrator-{stage}-tls"
+        assert volumes["keys"]["secret"]["secretName"] == "orchestrator-keys"
+        assert volumes["config"]["configMap"]["name"] == "orchestrator-config"
+        assert all(m["readOnly"] is True for m in container["volumeMounts"])
+        assert all(Path(f).parent == Path(mounts["tls"]) for f in cfg.tls.files(stage))
+        assert Path(tomllib.loads((BASE / "pipeline.toml").read_text())["tls"]["ca_file"]).parent == Path(mounts["tls"])
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert "limits" in container["resources"] and "requests" in container["resources"]
-        if stage in CALLEE:
-            callee = CALLEE[stage]
-            assert env[f"ORCH_{callee.upper()}_ENDPOINTS"] == f"{callee}-0.{callee}:{cfg.stage(callee).port}"
         assert pod["terminationGracePeriodSeconds"] > cfg.server.drain_grace_s
+
+
+def test_scaling_any_stage_needs_nothing_but_its_replica_count() -> None:
+    """Callers find a stage's replicas by DNS: its headless Service's name, which answers with every ready pod of
+    its StatefulSet, however many there are. No manifest names a pod, and nothing else counts replicas."""
+    docs = k8s_documents()
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+    cfg = k8s_config({})
+    for stage, sts in sets.items():
+        if stage not in CALLEE.values():
+            continue  # the edge: clients reach it through its own Service
+        pods = sts["spec"]["template"]["metadata"]["labels"]
+        (endpoint,) = cfg.stage(stage).endpoints
+        assert endpoint == f"dns:{stage}:{cfg.stage(stage).port}"
+        service = services[stage]
+        assert service["clusterIP"] == "None" and sts["spec"]["serviceName"] == stage  # one DNS answer per pod
+        assert service["selector"].items() <= pods.items()
+        assert not service.get("publishNotReadyAddresses")  # a draining pod leaves the answers
+    everything = "\n".join(p.read_text() for p in [*K8S.rglob("*.yaml"), BASE / "pipeline.toml"])
+    for stage in STAGES:
+        assert f"{stage}-0" not in everything and f"{stage}-1" not in everything
+
+
+def test_the_autoscaler_scales_inference_on_a_metric_the_stages_export() -> None:
+    import yaml
+
+    hpa = yaml.safe_load((K8S / "overlays" / "prod" / "autoscaler.yaml").read_text())
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "inference"}
+    (metric,) = hpa["spec"]["metrics"]
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    served = {rule["name"]["as"] for rule in values["rules"]["custom"]}
+    assert metric["pods"]["metric"]["name"] in served
+    assert {name.removeprefix("orchestrator_") for name in served} <= {m.name for m in METRICS}
 
 
 def test_network_policies_admit_only_the_chain() -> None:
