@@ -197,6 +197,16 @@ def _notes(extra: dict[str, Any]) -> list[str]:
         if key in extra:
             t = {str(n): r for n, r in extra[key][ratios].items()}
             lines += ["", f"{what} (C=64, requests/s): x{t['1']} at N=1, x{t['128']} at N=128."]
+    if "scaling" in extra:
+        t = extra["scaling"]
+        model = ", ".join(
+            f"{n}: {rps} ({t['model_bound_over_linear'][n]}x linear)" for n, rps in t["model_bound_rps"].items()
+        )
+        lines += [
+            "",
+            f"Scaling, model-bound inference (requests/s by replicas): {model}. CPU-bound (N=1, C=64) with two "
+            f"processes of every stage but the edge against one: x{t['cpu_bound_2_over_1']} on {t['cpus']} cores.",
+        ]
     if "tenants" in extra:
         t = extra["tenants"]
         lines += [

@@ -460,6 +460,52 @@ async def scenario_tenants(ctx: Context) -> None:
     )
 
 
+# Model-bound replicas: each inference replica holds 8 generations of 32 tokens at 20 ms/token (~0.65 s each), so one
+# replica serves ~12 requests/s whatever the CPU; more replicas are more slots.
+# The load keeps twice the slots in flight and nothing is shed for waiting: rendezvous hashing gives one replica more
+# sessions than another at any moment, and the queue evens that out instead of turning it into sheds.
+SCALING_WORKER = {
+    "ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20",
+    "ORCH_INFERENCE_CONCURRENCY": "8",
+    "ORCH_INFERENCE_MAX_QUEUE_WAIT_MS": "10000",
+    "ORCH_STREAM_ADAPTIVE_LIMIT": "false",
+}
+
+
+async def scenario_scaling(ctx: Context) -> None:
+    """Throughput against the number of replicas: model-bound inference with 1, 2 and 4 replicas (each with a fixed
+    number of generation slots), and CPU-bound requests with one and two processes of every stage."""
+    model: dict[int, float] = {}
+    for n in (1, 2, 4):
+        env = SCALING_WORKER | {"ORCH_INFERENCE_REPLICAS": str(n)}
+        async with mesh_running(ctx.run_dir / f"scaling-{n}", env, f"mesh, {n} inference replica(s)") as mesh:
+            run = await measure("scaling", mesh, tokens=32, concurrency=16 * n, duration_s=ctx.d(6), warmup_s=2)
+        ctx.runs.append(run)
+        model[n] = run["rps"]
+    cpu: dict[int, float] = {}
+    for n in (1, 2):
+        env = {f"ORCH_{stage.upper()}_REPLICAS": str(n) for stage in STAGES if stage != "stream"}
+        async with mesh_running(ctx.run_dir / f"scaling-cpu-{n}", env, f"mesh, {n} process(es) per stage") as mesh:
+            run = await measure("scaling", mesh, tokens=1, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+        ctx.runs.append(run)
+        cpu[n] = run["rps"]
+    ctx.extra["scaling"] = {
+        "model_bound_rps": model,
+        "model_bound_over_linear": {n: ratio(model[n], n * model[1]) for n in model},
+        "cpu_bound_rps": cpu,
+        "cpu_bound_2_over_1": ratio(cpu[2], cpu[1]),
+        "cpus": os.cpu_count(),
+    }
+    for n in (2, 4):
+        ctx.target(
+            f"scaling_model_bound_{n}",
+            f"requests/s with {n} model-bound inference replicas / {n} x one replica's",
+            ratio(model[n], n * model[1]),
+            0.9,
+            True,
+        )
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -471,6 +517,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "transport": scenario_transport,
     "tls": scenario_tls,
     "tenants": scenario_tenants,
+    "scaling": scenario_scaling,
 }
 
 
