@@ -85,13 +85,15 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
 
             credentials = channel_credentials(mesh.tls, EDGE)  # the operator's: the edge's own certificate
             demo_run = run_demo(
-                mesh.entry, sys.stdout, tracer_provider=telemetry.tracer_provider, credentials=credentials
+                mesh.clients_target, sys.stdout, tracer_provider=telemetry.tracer_provider, credentials=credentials
             )
             counts = asyncio.run(demo_run)
             telemetry.shutdown()
             ok = counts["completed"] == sum(counts.values())
         else:
             print(f"\nmesh is up; entry (Stream stage): {mesh.entry}", flush=True)
+            if mesh.clients_target != mesh.entry:
+                print(f"every edge replica, for a round_robin client: {mesh.clients_target}", flush=True)
             print(f'try: orchestrator-client submit --target {mesh.entry} "What is backpressure?"', flush=True)
             print("Ctrl-C stops all five stages.", flush=True)
             _wait_for_signal()
@@ -117,7 +119,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.addresses:
         queue: list[tuple[str | None, str]] = [(None, addr) for addr in args.addresses]
     elif walk:
-        queue = [(EDGE, addr) for addr in ([args.walk_from] if args.walk_from else cfg.stage(EDGE).addresses())]
+        queue = [(EDGE, addr) for addr in (args.walk_from or cfg.stage(EDGE).addresses())]
     else:  # each stage's admin listener, on this machine
         queue = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
     print(
@@ -309,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--from",
         dest="walk_from",
         metavar="EDGE",
-        help="walk the mesh from this edge address (default: the configured one): every replica it reaches",
+        action="append",
+        help="walk the mesh from this edge address (repeatable; default: the configured one): every replica it reaches",
     )
     p = sub.add_parser("keys", help="add, revoke or list API keys in a keys file (auth.keys_file)")
     p.add_argument("action", choices=("add", "revoke", "list"))

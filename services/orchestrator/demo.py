@@ -79,7 +79,11 @@ async def run_demo(
     """
     counts: Counter[str] = Counter()
     sessions_by_replica: dict[str, set[str]] = {}
-    async with AsyncOrchestratorClient(target, tracer_provider=tracer_provider, credentials=credentials) as client:
+    # round_robin: with several edge replicas (an ``ipv4:A,B`` target), the requests are spread over them.
+    options = (("grpc.lb_policy_name", "round_robin"),)
+    async with AsyncOrchestratorClient(
+        target, tracer_provider=tracer_provider, credentials=credentials, options=options
+    ) as client:
         tasks = [asyncio.create_task(_one(client, s, t, max_tokens)) for s, t in DEMO_REQUESTS]
         for n, finished in enumerate(asyncio.as_completed(tasks), 1):
             r = await finished

@@ -133,6 +133,15 @@ class Mesh:
     def entry(self) -> str:
         return self.stages[EDGE].address
 
+    @property
+    def clients_target(self) -> str:
+        """A gRPC target naming every edge replica (``ipv4:A,B``; with the round_robin policy a client spreads its
+        calls over them), or the one edge's address."""
+        edges = self.addresses(EDGE)
+        if len(edges) > 1 and all(a.split(":")[0].replace(".", "").isdigit() for a in edges):
+            return "ipv4:" + ",".join(edges)
+        return self.entry
+
     def address(self, stage: str) -> str:
         return self.stages[stage].address
 

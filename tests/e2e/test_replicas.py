@@ -21,7 +21,7 @@ _REPLICA = re.compile(r"^\s+(?P<key>[a-z]+(?:-\d+)?)\s+(?P<address>\S+:\d+)\s+pi
 
 def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
     config = free_port_config(tmp_path)
-    env = clean_env(ORCH_INFERENCE_REPLICAS="3")
+    env = clean_env(ORCH_INFERENCE_REPLICAS="3", ORCH_STREAM_REPLICAS="2")
     proc = subprocess.Popen(
         [str(BIN / "orchestrator"), "up", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -37,7 +37,7 @@ def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
                 replicas[m["key"]] = m["address"]
             if line.startswith("mesh is up"):
                 break
-        assert set(replicas) == {*STAGES, "inference-1", "inference-2"}, replicas
+        assert set(replicas) == {*STAGES, "inference-1", "inference-2", "stream-1"}, replicas
         inference = [replicas[k] for k in ("inference", "inference-1", "inference-2")]
         sessions = [f"user-{i}" for i in range(12)]
         with mesh_sync_client(replicas["stream"]) as client:
@@ -53,7 +53,10 @@ def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
         assert len(set(served.values())) >= 2  # 12 sessions over 3 replicas: spread
 
         status = subprocess.run(
-            [str(BIN / "orchestrator"), "status", "--config", str(config), "--from", replicas["stream"]],
+            [
+                *(str(BIN / "orchestrator"), "status", "--config", str(config)),
+                *("--from", replicas["stream"], "--from", replicas["stream-1"]),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -64,6 +67,7 @@ def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
         rows = [line.split() for line in status.stdout.splitlines()[1:]]
         assert sorted(r[1] for r in rows if r[0] == "inference") == sorted(inference)
         assert {r[0] for r in rows} == set(STAGES)
+        assert sorted(r[1] for r in rows if r[0] == "stream") == sorted([replicas["stream"], replicas["stream-1"]])
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
