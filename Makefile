@@ -79,20 +79,22 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The suite, then the tests of the client-facing paths again with TLS at the edge and mutual TLS between stages.
-TLS_SUITE = tests/e2e/test_mesh.py tests/e2e/test_failures.py tests/e2e/test_backends.py tests/e2e/test_metrics.py \
+# The suite, then the tests of the client-facing paths again: with TLS at the edge and mutual TLS between stages,
+# and with all five stages in one process (calls between them in memory).
+MESH_SUITE = tests/e2e/test_mesh.py tests/e2e/test_failures.py tests/e2e/test_backends.py tests/e2e/test_metrics.py \
 	tests/e2e/test_tracing.py tests/e2e/test_peers.py
 
 test: $(STAMP) $(NODE_STAMP) $(LLAMA_STAMP) check-protos buf-lint lint
 	$(BIN)/pytest
-	$(BIN)/pytest --tls $(TLS_SUITE)
+	$(BIN)/pytest --tls $(MESH_SUITE)
+	$(BIN)/pytest --layout rag+assemble+inference+post+stream $(MESH_SUITE)
 
 # Unit and in-process tests: no subprocess meshes, no peers, no llama.cpp build.
 test-quick: $(STAMP)
 	$(BIN)/pytest -m "not mesh and not peer and not llama and not multihost"
 
 run-mesh: $(STAMP)
-	$(BIN)/orchestrator demo
+	$(BIN)/orchestrator demo $(if $(LAYOUT),--layout $(LAYOUT))
 
 mesh: $(STAMP)
 	$(BIN)/orchestrator up

@@ -99,9 +99,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--tls", action="store_true", help="run the meshes with TLS at the edge and mutual TLS between stages"
     )
+    parser.addoption(
+        "--layout", default="", help="run the meshes with this server.layout, e.g. rag+assemble+inference+post+stream"
+    )
+
+
+# The layout the test meshes run with (``pytest --layout``): "" is a process per stage.
+LAYOUT = {"value": ""}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    LAYOUT["value"] = config.getoption("--layout")
     if config.getoption("--tls"):
         import tempfile
 
@@ -113,6 +121,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         import shutil
 
         shutil.rmtree(SECURITY.certs, ignore_errors=True)
+
+
+def colocated(mesh: Mesh, a: str, b: str) -> bool:
+    """Whether stages ``a`` and ``b`` of ``mesh`` run in one process (``pytest --layout``)."""
+    return mesh.stages[a].popen is mesh.stages[b].popen
 
 
 def mesh_client(address: str, **kwargs: object) -> AsyncOrchestratorClient:
@@ -211,6 +224,8 @@ def mesh_env(**overrides: str) -> dict[str, str]:
     env.update({f"ORCH_{name.upper()}_PORT": "0" for name in STAGES})
     env.update({f"ORCH_{name.upper()}_METRICS_PORT": "0" for name in STAGES})
     env.update(SECURITY.env())
+    if LAYOUT["value"]:
+        env["ORCH_SERVER_LAYOUT"] = LAYOUT["value"]
     env.update(overrides)
     return env
 

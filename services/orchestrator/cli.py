@@ -61,10 +61,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace, demo: bool) -> int:
     path = _config_path(args.config)
-    if _load(path) is None:  # report config problems once, here, rather than from five processes
+    if args.layout:  # the stages' processes read it from their environment too
+        os.environ["ORCH_SERVER_LAYOUT"] = args.layout
+    cfg = _load(path)
+    if cfg is None:  # report config problems once, here, rather than from five processes
         return 1
     run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-mesh-"))
-    print(f"starting {', '.join(STAGES)} (logs: {run_dir})", flush=True)
+    processes = " | ".join("+".join(g) for g in cfg.groups())
+    print(f"starting {processes} (logs: {run_dir})", flush=True)
     try:
         mesh = start_mesh(run_dir, config=path, log_to_files=demo or not args.foreground_logs)
     except (LaunchError, OSError) as exc:
@@ -73,7 +77,8 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
     try:
         for name in STAGES:
             for proc in mesh.replicas[name]:
-                print(f"  {proc.key:<11} {proc.address}  pid {proc.popen.pid}", flush=True)
+                shared = f" (with {'+'.join(proc.group)})" if proc.group else ""
+                print(f"  {proc.key:<11} {proc.address}  pid {proc.popen.pid}{shared}", flush=True)
         if demo:
             from orchestrator.core.telemetry import build_telemetry
             from orchestrator.demo import run_demo
@@ -124,7 +129,7 @@ def _status(args: argparse.Namespace) -> int:
         queue = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
     print(
         f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
-        f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  worker"
+        f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  process  worker"
     )
     metadata = _admin_metadata(args.token_file)
     failed = 0
@@ -155,7 +160,7 @@ def _status_row(s: admin_pb2.GetStatusResponse, address: str) -> str:
     return (
         f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
         f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "
-        f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {worker}"
+        f"{c.denied:>7} {c.rate_limited:>7} {c.failed:>7} {c.cancelled:>7}  {s.process.rpartition(':')[2]:>7}  {worker}"
     )
 
 
@@ -299,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--config", help=f"pipeline TOML (default: $ORCH_CONFIG, else ./{DEFAULT_CONFIG} if present)")
         if name == "up":
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
+        if name in ("up", "demo"):
+            p.add_argument(
+                "--layout",
+                help="stages that share a process, e.g. rag+assemble,inference,post+stream "
+                "(default: server.layout, else a process per stage)",
+            )
     p = sub.add_parser("config", help="list every setting with its ORCH_* variable and default (Markdown)")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--metrics", action="store_true", help="list the Prometheus metrics instead")

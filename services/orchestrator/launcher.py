@@ -37,6 +37,8 @@ class StageProcess:
     metrics_address: str = ""
     # Which replica of its stage (0: the first).
     index: int = 0
+    # The stages that share its process (a colocated layout), else empty.
+    group: tuple[str, ...] = ()
     health_address: str = ""
     # AdminService's own listener, when the stage has one (``<stage>.admin_port``); else its address.
     admin_address: str = ""
@@ -164,6 +166,28 @@ class Mesh:
             procs.append(proc)
         return proc
 
+    def spawn_group(
+        self, group: Sequence[str], env: Mapping[str, str], config: str | None, log_to_files: bool
+    ) -> list[StageProcess]:
+        """Start one process serving the adjacent stages of ``group`` (calls between them in memory)."""
+        key = "+".join(group)
+        log_path = self.run_dir / f"{key}.log" if log_to_files else None
+        for name in group:
+            (self.run_dir / f"{name}.ready").unlink(missing_ok=True)
+        argv = [*self.wrap, sys.executable, "-m", "orchestrator.stages.group", key, "--ready-dir", str(self.run_dir)]
+        if config:
+            argv += ["--config", config]
+        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+        try:
+            popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
+        finally:
+            if stderr is not None:
+                stderr.close()
+        procs = [StageProcess(name, popen, "", log_path, dict(env), config, group=tuple(group)) for name in group]
+        for proc in procs:
+            self.replicas[proc.name] = [proc]
+        return procs
+
     def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         ready = self.run_dir / f"{proc.key}.ready"
@@ -185,14 +209,19 @@ class Mesh:
         proc.popen.wait()
 
     def restart(self, name: str, timeout_s: float = 30.0, index: int = 0) -> None:
-        """Start a stopped replica again on the same port, with the same settings."""
+        """Start a stopped replica (or the process of its group) again on the same ports, with the same settings."""
         old = self.replicas[name][index]
         if old.popen.poll() is None:
             raise LaunchError(f"{old.key} stage is still running")
         env = dict(old.env)
-        env[f"ORCH_{name.upper()}_PORT"] = str(old.port)
-        proc = self.spawn(name, env, old.config, old.log_path is not None, index)
-        self.wait_ready(proc, timeout_s)
+        if old.group:
+            env |= {f"ORCH_{s.upper()}_PORT": str(self.replicas[s][0].port) for s in old.group}
+            procs = self.spawn_group(old.group, env, old.config, old.log_path is not None)
+        else:
+            env[f"ORCH_{name.upper()}_PORT"] = str(old.port)
+            procs = [self.spawn(name, env, old.config, old.log_path is not None, index)]
+        for proc in procs:
+            self.wait_ready(proc, timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
         """SIGTERM every process, edge first so no new work flows down; SIGKILL what outlives the timeout.
@@ -203,7 +232,7 @@ class Mesh:
                 proc.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         codes = {}
-        for proc in procs:
+        for proc in procs:  # the stages of a group share a process and its exit code
             try:
                 codes[proc.key] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -237,7 +266,8 @@ def start_mesh(
     timeout_s: float = 30.0,
     wrap: Sequence[str] = (),
 ) -> Mesh:
-    """Start the stages in data-flow order (RAG first, the edge last), each stage's ``replicas`` processes at once.
+    """Start the stages in data-flow order (RAG first, the edge last), each stage's ``replicas`` processes at once,
+    or (``server.layout``) one process per group of stages.
 
     The first replica binds the port its config gives (0: any free port, reported through a ready file), the
     others free ports; each stage is told where every replica of its callee listens through
@@ -251,16 +281,20 @@ def start_mesh(
         raise LaunchError(str(exc)) from None
     mesh = Mesh(run_dir, wrap=wrap, tls=cfg.tls)
     try:
-        for name in STAGES:
+        for group in cfg.groups():
             stage_env = dict(base_env)
-            callee = CALLEE.get(name)
-            if callee is not None:
-                stage_env[f"ORCH_{callee.upper()}_ENDPOINTS"] = ",".join(mesh.addresses(callee))
-            own = cfg.stage(name)
-            procs = [
-                mesh.spawn(name, _replica_env(stage_env, name, i, own), config, log_to_files, i)
-                for i in range(own.replicas)
-            ]
+            for name in group:  # where each callee outside the process listens (inside it: called in memory)
+                callee = CALLEE.get(name)
+                if callee is not None and callee not in group:
+                    stage_env[f"ORCH_{callee.upper()}_ENDPOINTS"] = ",".join(mesh.addresses(callee))
+            if len(group) > 1:
+                procs = mesh.spawn_group(group, stage_env, config, log_to_files)
+            else:
+                own = cfg.stage(group[0])
+                procs = [
+                    mesh.spawn(group[0], _replica_env(stage_env, group[0], i, own), config, log_to_files, i)
+                    for i in range(own.replicas)
+                ]
             for proc in procs:
                 mesh.wait_ready(proc, timeout_s)
     except BaseException:

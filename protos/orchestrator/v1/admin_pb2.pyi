@@ -69,20 +69,22 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., active: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., last_generation_end_unix_nanos: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("stage", "queue", "counters", "worker", "callees", "replica")
+    __slots__ = ("stage", "queue", "counters", "worker", "callees", "replica", "process")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     CALLEES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     queue: QueueStatus
     counters: Counters
     worker: WorkerStatus
     callees: _containers.RepeatedCompositeFieldContainer[CalleeReplica]
     replica: str
-    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., callees: _Optional[_Iterable[_Union[CalleeReplica, _Mapping]]] = ..., replica: _Optional[str] = ...) -> None: ...
+    process: str
+    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., callees: _Optional[_Iterable[_Union[CalleeReplica, _Mapping]]] = ..., replica: _Optional[str] = ..., process: _Optional[str] = ...) -> None: ...
 
 class CalleeReplica(_message.Message):
     __slots__ = ("stage", "address", "ejected")

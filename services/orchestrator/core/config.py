@@ -302,6 +302,11 @@ class ServerConfig:
         8192, "calls gRPC holds for a stage before its code picks them up; a burst up to this size is answered in full"
     )
     reflection: bool = _f(True, "serve gRPC server reflection (v1 and v1alpha) on every stage")
+    layout: tuple[str, ...] = _f(
+        (),
+        "stages that share a process, a group per entry with stages joined by + (e.g. rag+assemble,inference,"
+        "post+stream); inside a group calls are in memory; empty: a process per stage",
+    )
     admin_host: str = _f("127.0.0.1", "interface of the stages' admin listeners (<stage>.admin_port)")
 
 
@@ -455,8 +460,35 @@ class MeshConfig:
         out += self.auth.problems() + self.tenants.problems()
         return out
 
+    def groups(self) -> list[tuple[str, ...]]:
+        """The processes of the mesh: each a tuple of the stages it serves, in data-flow order (callee first)."""
+        if not self.server.layout:
+            return [(name,) for name in STAGES]
+        groups = [tuple(sorted(g.split("+"), key=STAGES.index)) for g in self.server.layout]
+        return sorted(groups, key=lambda g: STAGES.index(g[0]))
+
+    def _layout_problems(self) -> list[str]:
+        if not self.server.layout:
+            return []
+        groups = [tuple(g.split("+")) for g in self.server.layout]
+        named = [s for g in groups for s in g]
+        out = [f"server.layout: unknown stage {s!r}" for s in named if s not in STAGES]
+        if out:
+            return out
+        if sorted(named) != sorted(STAGES):
+            out.append(f"server.layout must name every stage exactly once ({', '.join(STAGES)})")
+        for group in groups:
+            where = sorted(STAGES.index(s) for s in group)
+            if where != list(range(where[0], where[0] + len(where))):
+                out.append(
+                    f"server.layout group {'+'.join(group)!r}: stages in a process must be adjacent in the chain"
+                )
+            if len(group) > 1 and any(self.stage(s).replicas != 1 for s in group):
+                out.append(f"server.layout group {'+'.join(group)!r}: a stage that shares a process has one replica")
+        return out
+
     def _server_problems(self) -> list[str]:
-        out = []
+        out = self._layout_problems()
         if self.server.drain_grace_s < 0:
             out.append("server.drain_grace_s must be >= 0")
         if self.server.gc_full_every < 1:

@@ -20,10 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from orchestrator.core.calls import Handler
 from orchestrator.core.config import ConfigError, MeshConfig, is_loopback, load_config
 from orchestrator.core.errors import OrchestratorError, PermissionDenied, WireStatus, to_status
 from orchestrator.core.graph import STAGES
 from orchestrator.core.telemetry import Telemetry, build_telemetry
+from orchestrator.runtime.colocated import COLOCATED
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.reflection import add_reflection
 from orchestrator.runtime.security import CertificateFiles, certificate_names
@@ -63,6 +65,8 @@ class StageApp:
     certificates: CertificateFiles | None = None
     # Serve gRPC reflection.
     reflection: bool = True
+    # The stage's RPC method, as the runtime wraps it: what a colocated caller calls in memory.
+    handler: Handler | None = None
     # The calls this stage makes to the next one (None for the first stage of the chain).
     downstream: Downstream[Any] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -386,21 +390,15 @@ def write_ready_file(
     tmp.replace(path)
 
 
-async def serve(
-    name: str,
-    build: Callable[[MeshConfig, Telemetry], StageApp],
-    cfg: MeshConfig,
-    ready_file: str | None = None,
-    config_path: str | None = None,
-) -> None:
-    """Build the stage on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain."""
+Build = Callable[[MeshConfig, Telemetry], StageApp]
+
+
+async def _start_one(name: str, app: StageApp, cfg: MeshConfig) -> RunningStage:
     stage_cfg = cfg.stage(name)
-    app = build(cfg, build_telemetry(name))
     admin_at = (cfg.server.admin_host, stage_cfg.admin_port) if stage_cfg.admin_port >= 0 else None
     running = await start_stage(app, stage_cfg.host, stage_cfg.port, stage_cfg.health_port, admin_at)
     if stage_cfg.metrics_port >= 0:
         running.start_metrics(stage_cfg.host, stage_cfg.metrics_port)
-    settle_gc(cfg.server.gc_full_every)
     log.info(
         "stage=%s listening on %s over %s (metrics %s, health %s)",
         app.name,
@@ -409,20 +407,61 @@ async def serve(
         running.metrics_address or "off",
         running.health_address or "on the stage's port only",
     )
-    if ready_file:
-        write_ready_file(
-            ready_file,
-            app.name,
-            running.address,
-            running.metrics_address,
-            running.health_address,
-            running.admin_address,
-        )
-    running.admin.reload_config = lambda: load_config(config_path)
-    await wait_for_stop_signal(running.reload_in_background)
-    log.info("stage=%s draining (grace %.1fs)", app.name, cfg.server.drain_grace_s)
-    await running.stop(cfg.server.drain_grace_s)
-    log.info("stage=%s stopped", app.name)
+    return running
+
+
+async def serve_stages(
+    builds: Sequence[tuple[str, Build]],
+    cfg: MeshConfig,
+    ready: Callable[[str], str | None],
+    config_path: str | None = None,
+) -> None:
+    """Build the stages on the running loop (gRPC channels bind to it), serve until SIGTERM or SIGINT, drain.
+
+    ``builds`` lists the stages this process serves, each callee before its caller: with several, each is
+    registered as colocated once built, so its caller (built after it) calls it in memory. Every stage still serves
+    its own gRPC service on its own port. ``ready(name)`` is where to write a stage's ready file, if anywhere.
+    """
+    running: list[RunningStage] = []
+    for name, build in builds:
+        app = build(cfg, build_telemetry(name))
+        if len(builds) > 1 and app.handler is not None:
+            COLOCATED[name] = app.handler
+        running.append(await _start_one(name, app, cfg))
+    settle_gc(cfg.server.gc_full_every)
+    for stage in running:
+        path = ready(stage.app.name)
+        if path:
+            write_ready_file(
+                path,
+                stage.app.name,
+                stage.address,
+                stage.metrics_address,
+                stage.health_address,
+                stage.admin_address,
+            )
+        stage.admin.reload_config = lambda: load_config(config_path)
+
+    def reload_all() -> None:
+        for stage in running:
+            stage.reload_in_background()
+
+    await wait_for_stop_signal(reload_all)
+    names = ", ".join(r.app.name for r in running)
+    log.info("stage=%s draining (grace %.1fs)", names, cfg.server.drain_grace_s)
+    await asyncio.gather(*(stage.stop(cfg.server.drain_grace_s) for stage in reversed(running)))
+    log.info("stage=%s stopped", names)
+
+
+async def serve(
+    name: str,
+    build: Build,
+    cfg: MeshConfig,
+    ready_file: str | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Build the stage on the running loop, serve until SIGTERM or SIGINT, drain."""
+    await serve_stages([(name, build)], cfg, lambda _: ready_file, config_path)
 
 
 def run_loop(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ DEADLINE_SLACK_S = 0.05
 # A shed further down, as an adaptive limit's sample: a wait long enough to shrink the limit by half.
 SHED_BELOW_AS_WAIT_S = 1.0
 SUMMARY_INTERVAL_S = 1.0
+# This process, as GetStatus names it: stages that share a process share it.
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -400,6 +404,7 @@ class StageRuntime:
         return admin_pb2.GetStatusResponse(
             stage=self.stage,
             replica=self.replica,
+            process=PROCESS,
             queue=admin_pb2.QueueStatus(
                 capacity=adm.capacity,
                 concurrency=adm.concurrency,

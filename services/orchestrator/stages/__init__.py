@@ -70,6 +70,7 @@ def app_of(
         options=options,
         certificates=certificates,
         reflection=cfg.server.reflection,
+        handler=handler,
         downstream=downstream,
         **extra,
     )
