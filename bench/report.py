@@ -197,6 +197,12 @@ def _notes(extra: dict[str, Any]) -> list[str]:
         if key in extra:
             t = {str(n): r for n, r in extra[key][ratios].items()}
             lines += ["", f"{what} (C=64, requests/s): x{t['1']} at N=1, x{t['128']} at N=128."]
+    if "layouts" in extra:
+        parts = [
+            f"{label}: first chunk x{r['ttfc_over_hop']}, requests/s x{r['rps_over_hop']}"
+            for label, r in extra["layouts"].items()
+        ]
+        lines += ["", "Layouts against the single hop (N=1; C=1 in turns, and C=64): " + "; ".join(parts) + "."]
     if "scaling" in extra:
         t = extra["scaling"]
         model = ", ".join(

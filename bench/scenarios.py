@@ -27,6 +27,7 @@ from bench.targets import (
     SHED_FLOOR,
     SINGLE_HOP,
     LocalTarget,
+    MeshTarget,
     mesh_env,
     mesh_running,
     start_hop,
@@ -506,6 +507,73 @@ async def scenario_scaling(ctx: Context) -> None:
         )
 
 
+LAYOUTS = {
+    "five processes": "",
+    "mixed": "rag+assemble,inference,post+stream",
+    "colocated": "rag+assemble+inference+post+stream",
+}
+
+
+async def scenario_layouts(ctx: Context) -> None:
+    """The same mesh in three layouts (a process per stage; rag+assemble, inference, post+stream; all five in one)
+    against the single hop: unloaded time to first chunk (in turns), requests/s at N=1, C=64, and model-bound
+    tokens/s against the in-process floor."""
+    hop = await start_hop(ctx.run_dir)
+    meshes: list[MeshTarget] = []
+    try:
+        for label, layout in LAYOUTS.items():
+            env = {"ORCH_SERVER_LAYOUT": layout} if layout else {}
+            mesh = await start_mesh_target(ctx.run_dir / f"layout-{len(meshes)}", env)
+            mesh.name = f"mesh, {label}"
+            meshes.append(mesh)
+        ctx.runs += await measure_in_turns("layouts", (hop, *meshes), tokens=1, duration_s=ctx.d(4), warmup_s=1)
+        for target in (hop, *meshes):
+            run = await measure("layouts", target, tokens=1, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+            ctx.runs.append(run)
+    finally:
+        for mesh in meshes:
+            await mesh.close()
+        await hop.close()
+    runs = [r for r in ctx.runs if r["scenario"] == "layouts"]
+    ttfc = {r["target"]: r["ttfc_ms"][50] for r in runs if r["concurrency"] == 1}
+    rps = {r["target"]: r["rps"] for r in runs if r["concurrency"] == 64}
+    local = LocalTarget(mesh_env(MODEL_BOUND))
+    floor = await measure("layouts", local, tokens=32, concurrency=64, duration_s=ctx.d(6), warmup_s=2)
+    env = MODEL_BOUND | {"ORCH_SERVER_LAYOUT": LAYOUTS["colocated"]}
+    async with mesh_running(ctx.run_dir / "layout-model-bound", env, "mesh, colocated, model-bound") as mesh:
+        bound = await measure("layouts", mesh, tokens=32, concurrency=64, duration_s=ctx.d(6), warmup_s=2)
+    ctx.runs += [floor, bound]
+    ctx.extra["layouts"] = {
+        label: {
+            "ttfc_over_hop": ratio(ttfc[f"mesh, {label}"], ttfc[SINGLE_HOP]),
+            "rps_over_hop": ratio(rps[f"mesh, {label}"], rps[SINGLE_HOP]),
+        }
+        for label in LAYOUTS
+    }
+    colocated = ctx.extra["layouts"]["colocated"]
+    ctx.target(
+        "layout_colocated_ttfc",
+        "time to first chunk p50, N=1, C=1, all five stages in one process / single hop",
+        colocated["ttfc_over_hop"],
+        1.5,
+        False,
+    )
+    ctx.target(
+        "layout_colocated_rps",
+        "requests/s, N=1, C=64, all five stages in one process / single hop",
+        colocated["rps_over_hop"],
+        0.5,
+        True,
+    )
+    ctx.target(
+        "layout_colocated_model_bound",
+        "tokens/s at 20 ms/token, N=32, C=64, all five in one process / in-process floor",
+        ratio(bound["tokens_per_s"], floor["tokens_per_s"]),
+        0.98,
+        True,
+    )
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -518,6 +586,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "tls": scenario_tls,
     "tenants": scenario_tenants,
     "scaling": scenario_scaling,
+    "layouts": scenario_layouts,
 }
 
 

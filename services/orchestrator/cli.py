@@ -284,6 +284,20 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def _stage(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """One stage (its own module's main), or adjacent stages in one process (``stages.group``)."""
+    config = ["--config", args.config] if args.config else []
+    if "+" in args.name:
+        from orchestrator.stages.group import main as group
+
+        return group([args.name, *config, *(["--ready-dir", args.ready_dir] if args.ready_dir else [])])
+    if args.name not in STAGES:
+        parser.error(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
+    from orchestrator.stages import module
+
+    return _run_stage(module(args.name), _stage_argv(args))
+
+
 def _run_stage(module: object, argv: list[str]) -> int:
     from orchestrator.runtime.server import run_stage_main
 
@@ -340,10 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "worker-server", help="serve the configured model worker over ModelWorkerService (see --help)", add_help=False
     )
-    p = sub.add_parser("stage", help="run one stage in this process")
-    p.add_argument("name", choices=STAGES)
+    p = sub.add_parser("stage", help="run one stage, or adjacent stages joined by + (post+stream), in this process")
+    p.add_argument("name", help=f"a stage ({', '.join(STAGES)}) or stages joined by +")
     p.add_argument("--config")
-    p.add_argument("--ready-file")
+    p.add_argument("--ready-file", help="one stage: write its address here once serving")
+    p.add_argument("--ready-dir", help="stages joined by +: write <stage>.ready here for each")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker-server"]:
         from orchestrator.stages.worker_server import main as worker_server
@@ -367,9 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         return _health(args.address, args.timeout, args.config)
     if args.command == "stage":
-        from orchestrator.stages import module
-
-        return _run_stage(module(args.name), _stage_argv(args))
+        return _stage(args, parser)
     return _up(args, demo=args.command == "demo")
 
 

@@ -83,7 +83,7 @@ def test_prometheus_config_is_valid() -> None:
 
 K8S = DEPLOY / "k8s"
 BASE = K8S / "base"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = {"dev": 5, "prod": 5, "colocated": 1}  # overlay: its StatefulSets
 KUBECTL = shutil.which("kubectl")
 
 
@@ -141,13 +141,13 @@ def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl renders the kustomizations offline")
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
 def test_every_rendered_overlay_validates(overlay: str, tmp_path: Path) -> None:
     rendered = tmp_path / f"{overlay}.yaml"
     rendered.write_text(render(overlay))
     out = validate(str(rendered))
     assert out.count("passed") == rendered.read_text().count("\nkind: ") + rendered.read_text().startswith("kind:")
-    assert len(re.findall(r"^kind: StatefulSet$", rendered.read_text(), re.MULTILINE)) == 5
+    assert len(re.findall(r"^kind: StatefulSet$", rendered.read_text(), re.MULTILINE)) == OVERLAYS[overlay]
 
 
 def k8s_config(env: dict[str, str]) -> MeshConfig:
@@ -248,3 +248,22 @@ def test_network_policies_admit_only_the_chain() -> None:
             assert "from" not in rule
         metrics = [r for r in spec["ingress"] if {"port": "metrics"} in r.get("ports", [])]
         assert metrics and all("from" in r for r in metrics)
+
+
+def test_the_colocated_overlay_runs_every_stage_in_one_process_with_ports_of_their_own() -> None:
+    import yaml
+
+    overlay = K8S / "overlays" / "colocated"
+    env = {"ORCH_TLS_CA_FILE": str(BASE / "pipeline.toml"), "ORCH_AUTH_KEYS_FILE": str(BASE / "pipeline.toml")}
+    with pytest.raises(ConfigError) as info:  # only the Secrets' files are missing here
+        load_config(overlay / "pipeline.toml", env={k: v for k, v in env.items() if "CA" not in k})
+    assert all("no such file" in p for p in info.value.problems), info.value.problems
+    cfg = load_config(overlay / "pipeline.toml", env=env)
+    assert cfg.groups() == [tuple(STAGES)]
+    for attr in ("port", "metrics_port", "health_port", "admin_port"):  # one pod: no two stages on one port
+        assert len({getattr(cfg.stage(name), attr) for name in STAGES}) == len(STAGES), attr
+    (patch,) = [d for d in yaml.safe_load_all((overlay / "mesh.yaml").read_text())]
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["stage", "+".join(STAGES)]
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert {cfg.stage(name).port for name in STAGES} <= ports and cfg.stream.health_port in ports
