@@ -25,7 +25,7 @@ from orchestrator.core.config import ConfigError, MeshConfig, is_loopback, load_
 from orchestrator.core.errors import OrchestratorError, PermissionDenied, WireStatus, to_status
 from orchestrator.core.graph import STAGES
 from orchestrator.core.telemetry import Telemetry, build_telemetry
-from orchestrator.runtime.colocated import COLOCATED
+from orchestrator.runtime.colocated import colocating
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.reflection import add_reflection
 from orchestrator.runtime.security import CertificateFiles, certificate_names
@@ -423,11 +423,12 @@ async def serve_stages(
     its own gRPC service on its own port. ``ready(name)`` is where to write a stage's ready file, if anywhere.
     """
     running: list[RunningStage] = []
-    for name, build in builds:
-        app = build(cfg, build_telemetry(name))
-        if len(builds) > 1 and app.handler is not None:
-            COLOCATED[name] = app.handler
-        running.append(await _start_one(name, app, cfg))
+    with colocating() as local:
+        for name, build in builds:
+            app = build(cfg, build_telemetry(name))
+            if len(builds) > 1 and app.handler is not None:
+                local[name] = app.handler
+            running.append(await _start_one(name, app, cfg))
     settle_gc(cfg.server.gc_full_every)
     for stage in running:
         path = ready(stage.app.name)

@@ -309,8 +309,9 @@ def downstream_of(caller: str, cfg: MeshConfig, telemetry: Telemetry) -> Downstr
     if caller not in CALLEE:
         raise ValueError(f"the {caller} stage calls no other stage")
     callee = stage(CALLEE[caller])
-    if callee.name in COLOCATED:  # the callee runs in this process: in memory, one replica, nothing to discover
-        local = LocalTransport(COLOCATED[callee.name], caller)
+    colocated = COLOCATED.get()
+    if callee.name in colocated:  # the callee runs in this process: in memory, one replica, nothing to discover
+        local = LocalTransport(colocated[callee.name], caller)
         return Downstream(Replicas(callee.name, {"in-process": local}, cfg.network, telemetry), callee.rpc, telemetry)
     fixed, names = split_endpoints(cfg.stage(callee.name).addresses())
     addresses: Sequence[str] = [*fixed, *resolve_now(names)]
