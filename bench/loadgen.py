@@ -29,16 +29,19 @@ class Sample:
     tokens: int
     outcome: str  # ok | shed | rate_limited | error
     queue_s: float = 0.0  # time waited for slots in all stages together (from the final chunk's timings)
+    messages: int = 0  # stream messages received (a coalesced message carries several tokens)
 
 
 async def run_one(submit: Submit, i: int) -> Sample:
     started = time.perf_counter()
     first = None
     tokens = 0
+    messages = 0
     queue_s = 0.0
     outcome = "ok"
     try:
         async for chunk in submit(i):
+            messages += 1
             if first is None:
                 first = time.perf_counter() - started
             if chunk.HasField("completion"):
@@ -51,7 +54,7 @@ async def run_one(submit: Submit, i: int) -> Sample:
             outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
     except OrchestratorError as err:  # the in-process floor raises ours directly
         outcome = "shed" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
-    return Sample(started, first, time.perf_counter() - started, tokens, outcome, queue_s)
+    return Sample(started, first, time.perf_counter() - started, tokens, outcome, queue_s, messages)
 
 
 @dataclass

@@ -55,6 +55,7 @@ def summarize(
         "errors": len(sent) - len(ok) - len(shed) - len(limited),
         "rps": round(len(done_ok) / result.window_s, 2),
         "tokens_per_s": round(sum(s.tokens for s in done_ok) / result.window_s, 1),
+        "messages_per_s": round(sum(s.messages for s in done_ok) / result.window_s, 1),
         "shed_rate": round(len(shed) / max(1, len(sent)), 4),
         "ttfc_ms": {q: ms(pct(ttfc, q)) for q in (50, 90, 99)} | {"max": ms(max(ttfc, default=None))},
         "total_ms": {q: ms(pct(total, q)) for q in (50, 90, 99)} | {"max": ms(max(total, default=None))},

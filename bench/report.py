@@ -203,6 +203,21 @@ def _notes(extra: dict[str, Any]) -> list[str]:
             for label, r in extra["layouts"].items()
         ]
         lines += ["", "Layouts against the single hop (N=1; C=1 in turns, and C=64): " + "; ".join(parts) + "."]
+    if "relay" in extra:
+        r = extra["relay"]
+        lines += [
+            "",
+            f"Token relay with a paced worker (N=128, C=64): {r['paced_tokens_per_s']} tokens/s in "
+            f"{r['paced_messages_per_s']} messages/s ({r['tokens_per_message']} tokens a message) through every hop; "
+            f"the single hop sends {r['single_hop_messages_per_s']} messages/s (x{r['messages_over_single_hop']}).",
+        ]
+    if "per_core" in extra:
+        p = extra["per_core"]
+        lines += [
+            "",
+            f"Colocated pipelines behind one edge (N=1, C=64): 1 process {p['rps'][1]} req/s, 2 processes "
+            f"{p['rps'][2]} req/s (x{p['two_over_one']}).",
+        ]
     if "scaling" in extra:
         t = extra["scaling"]
         model = ", ".join(

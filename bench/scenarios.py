@@ -157,10 +157,24 @@ async def scenario_throughput(ctx: Context) -> None:
         True,
     )
     _floors_of_the_shape(ctx, "rps_n1_c64", "requests/s, N=1, C=64", rps["mesh"], rps[BARE_CHAIN], rps[SINGLE_HOP])
+    # Like with like: an instant worker's 128 tokens cross each hop as one coalesced message, the single hop sends
+    # 128. A worker that paces its tokens makes several messages per request cross each hop: messages/s per hop.
+    async with mesh_running(ctx.run_dir / "relay-paced", PACED, "mesh, paced worker") as paced:
+        run = await measure("throughput", paced, tokens=128, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+    ctx.runs.append(run)
+    ctx.extra["relay"] = {
+        "paced_tokens_per_s": run["tokens_per_s"],
+        "paced_messages_per_s": run["messages_per_s"],
+        "tokens_per_message": ratio(run["tokens_per_s"], run["messages_per_s"]),
+        "single_hop_messages_per_s": by[(SINGLE_HOP, 128, 64)]["messages_per_s"],
+        "messages_over_single_hop": ratio(run["messages_per_s"], by[(SINGLE_HOP, 128, 64)]["messages_per_s"]),
+    }
     _floors_of_the_shape(ctx, "tps_n128_c64", "tokens/s, N=128, C=64", tps["mesh"], tps[BARE_CHAIN], tps[SINGLE_HOP])
 
 
 MODEL_BOUND = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "20", "ORCH_INFERENCE_WORKER_ECHO_TTFT_MS": "20"}
+# A worker fast enough to keep the relay busy, paced so that a 128-token answer crosses each hop as many messages.
+PACED = {"ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS": "1"}
 
 
 async def scenario_model_bound(ctx: Context) -> None:
@@ -543,6 +557,15 @@ async def scenario_layouts(ctx: Context) -> None:
     async with mesh_running(ctx.run_dir / "layout-model-bound", env, "mesh, colocated, model-bound") as mesh:
         bound = await measure("layouts", mesh, tokens=32, concurrency=64, duration_s=ctx.d(6), warmup_s=2)
     ctx.runs += [floor, bound]
+    per_core: dict[int, float] = {}
+    for n in (1, 2):  # whole colocated pipelines behind one edge, sessions spread by rendezvous hashing
+        env = {"ORCH_SERVER_LAYOUT": "rag+assemble+inference+post,stream"}
+        env |= {f"ORCH_{s.upper()}_REPLICAS": str(n) for s in STAGES if s != "stream"}
+        async with mesh_running(ctx.run_dir / f"per-core-{n}", env, f"mesh, {n} colocated process(es)") as mesh:
+            run = await measure("layouts", mesh, tokens=1, concurrency=64, duration_s=ctx.d(4), warmup_s=1)
+        ctx.runs.append(run)
+        per_core[n] = run["rps"]
+    ctx.extra["per_core"] = {"rps": per_core, "two_over_one": ratio(per_core[2], per_core[1])}
     ctx.extra["layouts"] = {
         label: {
             "ttfc_over_hop": ratio(ttfc[f"mesh, {label}"], ttfc[SINGLE_HOP]),

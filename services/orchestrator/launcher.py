@@ -167,14 +167,18 @@ class Mesh:
         return proc
 
     def spawn_group(
-        self, group: Sequence[str], env: Mapping[str, str], config: str | None, log_to_files: bool
+        self, group: Sequence[str], env: Mapping[str, str], config: str | None, log_to_files: bool, index: int = 0
     ) -> list[StageProcess]:
-        """Start one process serving the adjacent stages of ``group`` (calls between them in memory)."""
-        key = "+".join(group)
+        """Start replica ``index`` of one process serving the adjacent stages of ``group`` (calls between them in
+        memory)."""
+        key = "+".join(group) + (f"-{index}" if index else "")
         log_path = self.run_dir / f"{key}.log" if log_to_files else None
+        ready_dir = self.run_dir if index == 0 else self.run_dir / key
+        ready_dir.mkdir(exist_ok=True)
         for name in group:
-            (self.run_dir / f"{name}.ready").unlink(missing_ok=True)
-        argv = [*self.wrap, sys.executable, "-m", "orchestrator.stages.group", key, "--ready-dir", str(self.run_dir)]
+            (ready_dir / f"{name}.ready").unlink(missing_ok=True)
+        argv = [*self.wrap, sys.executable, "-m", "orchestrator.stages.group", "+".join(group), "--ready-dir"]
+        argv.append(str(ready_dir))
         if config:
             argv += ["--config", config]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
@@ -183,14 +187,24 @@ class Mesh:
         finally:
             if stderr is not None:
                 stderr.close()
-        procs = [StageProcess(name, popen, "", log_path, dict(env), config, group=tuple(group)) for name in group]
+        procs = [
+            StageProcess(name, popen, "", log_path, dict(env), config, index=index, group=tuple(group))
+            for name in group
+        ]
         for proc in procs:
-            self.replicas[proc.name] = [proc]
+            replicas = self.replicas.setdefault(proc.name, [])
+            if index < len(replicas):
+                replicas[index] = proc
+            else:
+                replicas.append(proc)
         return procs
 
     def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        ready = self.run_dir / f"{proc.key}.ready"
+        if proc.group and proc.index:  # a further replica of a group: its own folder, the stage's own name
+            ready = self.run_dir / ("+".join(proc.group) + f"-{proc.index}") / f"{proc.name}.ready"
+        else:
+            ready = self.run_dir / f"{proc.key}.ready"
         info = wait_ready_file(proc.key, proc.popen, ready, proc.log_path, timeout_s)
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
@@ -215,8 +229,8 @@ class Mesh:
             raise LaunchError(f"{old.key} stage is still running")
         env = dict(old.env)
         if old.group:
-            env |= {f"ORCH_{s.upper()}_PORT": str(self.replicas[s][0].port) for s in old.group}
-            procs = self.spawn_group(old.group, env, old.config, old.log_path is not None)
+            env |= {f"ORCH_{s.upper()}_PORT": str(self.replicas[s][index].port) for s in old.group}
+            procs = self.spawn_group(old.group, env, old.config, old.log_path is not None, index)
         else:
             env[f"ORCH_{name.upper()}_PORT"] = str(old.port)
             procs = [self.spawn(name, env, old.config, old.log_path is not None, index)]
@@ -288,7 +302,12 @@ def start_mesh(
                 if callee is not None and callee not in group:
                     stage_env[f"ORCH_{callee.upper()}_ENDPOINTS"] = ",".join(mesh.addresses(callee))
             if len(group) > 1:
-                procs = mesh.spawn_group(group, stage_env, config, log_to_files)
+                procs = []
+                for i in range(cfg.stage(group[0]).replicas):
+                    group_env = stage_env
+                    for name in group:
+                        group_env = _replica_env(group_env, name, i, cfg.stage(name))
+                    procs += mesh.spawn_group(group, group_env, config, log_to_files, i)
             else:
                 own = cfg.stage(group[0])
                 procs = [

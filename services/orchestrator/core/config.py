@@ -483,8 +483,10 @@ class MeshConfig:
                 out.append(
                     f"server.layout group {'+'.join(group)!r}: stages in a process must be adjacent in the chain"
                 )
-            if len(group) > 1 and any(self.stage(s).replicas != 1 for s in group):
-                out.append(f"server.layout group {'+'.join(group)!r}: a stage that shares a process has one replica")
+            if len({self.stage(s).replicas for s in group}) > 1:
+                out.append(
+                    f"server.layout group {'+'.join(group)!r}: stages that share a process have as many replicas"
+                )
         return out
 
     def _server_problems(self) -> list[str]:
