@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from opentelemetry import trace
@@ -108,6 +109,9 @@ def describe_metrics() -> str:
 
 
 _LABELS = {spec.name: spec.labels for spec in METRICS}
+# Gauges read when scraped (or exported), from what the runtime counts anyway: a stage changes them twice per
+# request, and a Prometheus gauge's lock costs more than the counting.
+WATCHED = ("queue_depth", "in_flight_requests")
 
 
 class Metrics:
@@ -118,6 +122,7 @@ class Metrics:
         self._prom: dict[str, Any] = {}
         self._otel: dict[str, Any] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._watched: dict[tuple[str, tuple[str, ...]], Callable[[], float]] = {}
         for spec in METRICS:
             full = f"{NAMESPACE}_{spec.name}"
             if spec.kind == "counter":
@@ -128,7 +133,11 @@ class Metrics:
                 self._prom[spec.name] = Histogram(
                     full, spec.help, spec.labels, registry=self.registry, buckets=_LATENCY_BUCKETS
                 )
-            if meter is not None:
+            if meter is not None and spec.name in WATCHED:
+                meter.create_observable_gauge(
+                    full, callbacks=[partial(self._observe, spec.name)], description=spec.help
+                )
+            elif meter is not None:
                 unit = "s" if spec.name.endswith("_seconds") else "1"
                 create = {
                     "counter": meter.create_counter,
@@ -146,6 +155,18 @@ class Metrics:
 
     def _otel_attrs(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
         return dict(zip(_LABELS[name], labels, strict=True))
+
+    def watch(self, name: str, labels: tuple[str, ...], read: Callable[[], float]) -> None:
+        """A gauge whose value is ``read()`` when it is scraped or exported."""
+        self._child(name, labels).set_function(read)
+        self._watched[(name, labels)] = read
+
+    def _observe(self, name: str, _options: Any) -> Iterator[Any]:
+        from opentelemetry.metrics import Observation
+
+        for (watched, labels), read in list(self._watched.items()):
+            if watched == name:
+                yield Observation(read(), self._otel_attrs(name, labels))
 
     def touch(self, name: str, labels: tuple[str, ...]) -> None:
         """Create a series without recording anything (a histogram's series shows zero counts)."""
@@ -222,8 +243,6 @@ class Telemetry:
         first burst too)."""
         self.metrics.set("queue_capacity", (stage,), capacity)
         self.metrics.set("concurrency_limit", (stage,), concurrency)
-        self.metrics.set("queue_depth", (stage,), 0)
-        self.metrics.set("in_flight_requests", (stage,), 0)
         for outcome in OUTCOMES:
             self.metrics.inc("requests_total", (stage, outcome), 0)
             self.metrics.touch("stage_latency_seconds", (stage, outcome))
@@ -255,12 +274,10 @@ class Telemetry:
         """Called when an adaptive limit moves."""
         self.metrics.set("concurrency_limit", (stage,), limit)
 
-    def record_queue_depth(self, stage: str, depth: int) -> None:
-        """Called when a stage's wait queue changes length."""
-        self.metrics.set("queue_depth", (stage,), depth)
-
-    def record_in_flight(self, stage: str, count: int) -> None:
-        self.metrics.set("in_flight_requests", (stage,), count)
+    def watch_stage(self, stage: str, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
+        """The stage's queue depth and requests in flight, read when scraped."""
+        self.metrics.watch("queue_depth", (stage,), queue_depth)
+        self.metrics.watch("in_flight_requests", (stage,), in_flight)
 
     def record_queue_wait(self, stage: str, seconds: float) -> None:
         self.metrics.observe("queue_wait_seconds", (stage,), seconds)

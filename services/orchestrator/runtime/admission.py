@@ -225,13 +225,11 @@ class Admission:
         if self._active < self.concurrency and not self._waiters:
             self._active += 1
             self.stats.admitted += 1
-            self._telemetry.record_queue_depth(self.stage, 0)
             return Slot(self, 0.0)
         bound = self.check(deadline_s)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
-        self._telemetry.record_queue_depth(self.stage, len(self._waiters))
         started = time.perf_counter()
         timer = None if math.isinf(bound) else loop.call_later(bound, self._expire, waiter)
         try:
@@ -262,7 +260,6 @@ class Admission:
     def _remove(self, waiter: asyncio.Future[bool]) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-            self._telemetry.record_queue_depth(self.stage, len(self._waiters))
 
     def _overloaded(self, reason: str, what: str) -> Overloaded:
         """A shed: counted here, raised by the caller."""
@@ -299,4 +296,3 @@ class Admission:
             if not waiter.done():
                 self._active += 1
                 waiter.set_result(True)
-        self._telemetry.record_queue_depth(self.stage, len(self._waiters))

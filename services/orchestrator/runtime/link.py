@@ -127,6 +127,8 @@ class LinkContext:
         self._loop = asyncio.get_running_loop()
         self._metadata = metadata
         self._auth = auth or {}
+        # Set for an in-process call: its request was validated by the stage that made it (the same object).
+        self.validated = False
         self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
         self.code = grpc.StatusCode.OK
         self.details = ""

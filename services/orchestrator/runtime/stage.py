@@ -123,6 +123,7 @@ class StageRuntime:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self.telemetry.init_stage(stage, capacity, concurrency)
+        self.telemetry.watch_stage(stage, lambda: self.admission.waiting, lambda: self._in_flight)
 
     @classmethod
     def for_stage(
@@ -289,7 +290,8 @@ class StageRuntime:
         TENANT.set(tenant)
         try:
             self.admission.check(deadline_s)
-            request = normalize_request(request, self.limits)
+            if not (getattr(context, "validated", False) and isinstance(request, types_pb2.PromptRequest)):
+                request = normalize_request(request, self.limits)
         except BaseException:
             if held is not None and self.gate is not None:
                 self.gate.leave(held)
@@ -316,7 +318,6 @@ class StageRuntime:
     def _track(self, delta: int) -> None:
         """Count a request in (+1) or out (-1) of the stage; draining waits for zero."""
         self._in_flight += delta
-        self.telemetry.record_in_flight(self.stage, self._in_flight)
         if self._in_flight == 0:
             self._idle.set()
 

@@ -198,6 +198,8 @@ class LocalCall:
         # The callee sees its caller as a certificate naming it would show it: the caller is this process.
         auth = {"x509_subject_alternative_name": [caller.encode()]}
         self._context = LinkContext(tuple(metadata or ()), timeout, auth)
+        # The request is the caller's own object, which its stage validated already: no need to again.
+        self._context.validated = True
         self._buffer: collections.deque[Any] = collections.deque()
         self._ready = asyncio.Event()  # a message, or the end
         self._room = asyncio.Event()  # the caller took a message
