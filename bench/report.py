@@ -218,6 +218,15 @@ def _notes(extra: dict[str, Any]) -> list[str]:
             f"Colocated pipelines behind one edge (N=1, C=64): 1 process {p['rps'][1]} req/s, 2 processes "
             f"{p['rps'][2]} req/s (x{p['two_over_one']}).",
         ]
+    if "deadletters" in extra:
+        d = extra["deadletters"]
+        lines += [
+            "",
+            f"Dead letters (SQLite): requests/s on / off x{d['rps_on_over_off']}; with every tenth request failing "
+            f"({d['failing_share'] * 100:.0f}% failed), the others' total p50 / p99 {d['ok_total_p50_ms']['on']} / "
+            f"{d['ok_total_p99_ms']['on']} ms with the store on, {d['ok_total_p50_ms']['off']} / "
+            f"{d['ok_total_p99_ms']['off']} ms off.",
+        ]
     if "scaling" in extra:
         t = extra["scaling"]
         model = ", ".join(

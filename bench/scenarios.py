@@ -597,6 +597,54 @@ async def scenario_layouts(ctx: Context) -> None:
     )
 
 
+# Every tenth generation fails (no retry, no breaker): a dead letter each.
+FAILURE_HEAVY = {
+    "ORCH_INFERENCE_WORKER_ECHO_FAIL_EVERY": "10",
+    "ORCH_INFERENCE_WORKER_RETRIES": "0",
+    "ORCH_INFERENCE_WORKER_BREAKER_FAILURES": "0",
+}
+
+
+async def scenario_deadletters(ctx: Context) -> None:
+    """What keeping dead letters costs: the normal load with the SQLite store on and off, and a load where every
+    tenth request fails (and becomes a letter), comparing the latency of the requests that succeed."""
+    normal: dict[str, dict[str, Any]] = {}
+    heavy: dict[str, dict[str, Any]] = {}
+    for label in ("off", "on"):
+        dlq = {"ORCH_DLQ_STORE": "sqlite", "ORCH_DLQ_PATH": str(ctx.run_dir / f"dl-{len(normal)}.db")}
+        env = dlq if label == "on" else {}
+        async with mesh_running(ctx.run_dir / f"dlq-{label}", env, f"mesh, dead letters {label}") as mesh:
+            normal[label] = await measure(
+                "deadletters", mesh, tokens=16, concurrency=64, duration_s=ctx.d(4), warmup_s=1
+            )
+        name = f"mesh, every tenth fails, dead letters {label}"
+        async with mesh_running(ctx.run_dir / f"dlq-heavy-{label}", env | FAILURE_HEAVY, name) as mesh:
+            heavy[label] = await measure(
+                "deadletters", mesh, tokens=16, concurrency=16, duration_s=ctx.d(4), warmup_s=1
+            )
+    ctx.runs += [*normal.values(), *heavy.values()]
+    ctx.extra["deadletters"] = {
+        "rps_on_over_off": ratio(normal["on"]["rps"], normal["off"]["rps"]),
+        "failing_share": round(heavy["on"]["errors"] / max(1, heavy["on"]["requests"]), 3),
+        "ok_total_p50_ms": {k: v["total_ms"][50] for k, v in heavy.items()},
+        "ok_total_p99_ms": {k: v["total_ms"][99] for k, v in heavy.items()},
+    }
+    ctx.target(
+        "deadletters_rps",
+        "requests/s, N=16, C=64, dead letters on / off",
+        ctx.extra["deadletters"]["rps_on_over_off"],
+        0.98,
+        True,
+    )
+    ctx.target(
+        "deadletters_heavy_p99",
+        "total p99 of the requests that succeed, every tenth failing: dead letters on / off",
+        ratio(heavy["on"]["total_ms"][99], heavy["off"]["total_ms"][99]),
+        1.1,
+        False,
+    )
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -610,6 +658,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "tenants": scenario_tenants,
     "scaling": scenario_scaling,
     "layouts": scenario_layouts,
+    "deadletters": scenario_deadletters,
 }
 
 

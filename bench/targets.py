@@ -128,6 +128,7 @@ def mesh_env(extra: dict[str, str]) -> dict[str, str]:
         env[f"ORCH_{stage.upper()}_PORT"] = "0"
         env[f"ORCH_{stage.upper()}_METRICS_PORT"] = "-1"
     env["ORCH_SERVER_LOG_LEVEL"] = "WARNING"
+    env["ORCH_DLQ_STORE"] = "off"  # on only where a scenario measures it
     env.update(extra)
     return env
 

@@ -110,6 +110,10 @@ LAYOUT = {"value": ""}
 
 def pytest_configure(config: pytest.Config) -> None:
     LAYOUT["value"] = config.getoption("--layout")
+    # Dead letters of the test meshes go to a folder of the run's (the default is under the home folder).
+    import tempfile
+
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="orchestrator-test-state-")
     if config.getoption("--tls"):
         import tempfile
 
@@ -117,9 +121,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if SECURITY.certs is not None:
-        import shutil
+    import shutil
 
+    shutil.rmtree(os.environ.pop("XDG_STATE_HOME", "/nonexistent"), ignore_errors=True)
+    if SECURITY.certs is not None:
         shutil.rmtree(SECURITY.certs, ignore_errors=True)
 
 

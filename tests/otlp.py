@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -28,6 +28,7 @@ class ReceivedSpan:
     events: list[tuple[str, dict[str, Any]]]
     status_code: int
     status_message: str
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of each linked span
 
     @property
     def event_names(self) -> list[str]:
@@ -58,6 +59,7 @@ class OtlpReceiver(OtlpSink):
                             events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
                             status_code=s.status.code,
                             status_message=s.status.message,
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         )
                     )
 

@@ -9,7 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -339,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         help="walk the mesh from this edge address (repeatable; default: the configured one): every replica it reaches",
     )
+    from orchestrator.dlq_cli import add_parser as add_dlq
+
+    add_dlq(sub)
     p = sub.add_parser("keys", help="add, revoke or list API keys in a keys file (auth.keys_file)")
     p.add_argument("action", choices=("add", "revoke", "list"))
     p.add_argument("file", help="the keys file (created owner-only)")
@@ -365,25 +368,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return worker_server(argv[1:])
     args = parser.parse_args(argv)
-    if args.command == "validate":
-        return _validate(args)
-    if args.command == "config":
-        from orchestrator.core.graph import describe_graph
-        from orchestrator.core.telemetry import describe_metrics
+    commands: dict[str, Callable[[], int]] = {
+        "validate": lambda: _validate(args),
+        "config": lambda: _config(args),
+        "status": lambda: _status(args),
+        "dlq": lambda: _dlq(args),
+        "keys": lambda: _keys(args) if args.action == "list" or args.tenant else _needs_tenant(parser, args),
+        "health": lambda: _health(args.address, args.timeout, args.config),
+        "stage": lambda: _stage(args, parser),
+    }
+    return commands.get(args.command, lambda: _up(args, demo=args.command == "demo"))()
 
-        print(describe_metrics() if args.metrics else describe_graph() if args.stages else describe_settings())
-        return 0
-    if args.command == "status":
-        return _status(args)
-    if args.command == "keys":
-        if args.action != "list" and not args.tenant:
-            parser.error(f"keys {args.action} needs --tenant")
-        return _keys(args)
-    if args.command == "health":
-        return _health(args.address, args.timeout, args.config)
-    if args.command == "stage":
-        return _stage(args, parser)
-    return _up(args, demo=args.command == "demo")
+
+def _config(args: argparse.Namespace) -> int:
+    from orchestrator.core.graph import describe_graph
+    from orchestrator.core.telemetry import describe_metrics
+
+    print(describe_metrics() if args.metrics else describe_graph() if args.stages else describe_settings())
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from orchestrator.dlq_cli import run
+
+    cfg = _load(_config_path(args.config))
+    return 1 if cfg is None else run(args, cfg)
+
+
+def _needs_tenant(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    parser.error(f"keys {args.action} needs --tenant")
 
 
 def _stage_argv(args: argparse.Namespace) -> list[str]:

@@ -168,7 +168,7 @@ async def test_backend_down_is_unavailable_quickly(fresh_mesh: Callable[..., Mes
 
 
 class Backend:
-    """A stand-in OpenAI-compatible server: answers with ``mode`` (429, 503 or ok)."""
+    """A stand-in OpenAI-compatible server: answers with ``mode`` (429, 500, 503 or ok)."""
 
     def __init__(self) -> None:
         self.mode = "ok"
@@ -186,6 +186,8 @@ class Backend:
                     self._send(429, b'{"error": {"message": "too many requests"}}', {"Retry-After": "7"})
                 elif backend.mode == "503":
                     self._send(503, b'{"error": {"message": "loading"}}', {})
+                elif backend.mode == "500":
+                    self._send(500, b'{"error": {"message": "the model crashed"}}', {})
                 else:
                     events = [{"choices": [{"delta": {"content": w}, "finish_reason": None}]} for w in ("ok", "!")]
                     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"

@@ -20,6 +20,10 @@ Metadata = Sequence[tuple[str, str]]
 # The call metadata that carries a request's tenant from stage to stage. The edge never reads it from a client: it
 # sets it from the API key the client showed.
 TENANT_KEY = "orchestrator-tenant"
+# A replayed dead letter's request carries these: the letter's id, and the original's trace and span ids
+# (``<trace id>-<span id>``, hex) that the edge's span links to.
+REPLAY_OF_KEY = "orchestrator-replay-of"
+REPLAY_TRACE_KEY = "orchestrator-replay-trace"
 # The tenant of the request the current task serves ("" without keys): set by the runtime as a call is accepted,
 # sent on with every call to the next stage.
 TENANT: ContextVar[str] = ContextVar("orchestrator_tenant", default="")

@@ -169,6 +169,7 @@ class EchoConfig:
     ttft_ms: float = _f(0.0, "delay before the first token")
     token_delay_ms: float = _f(0.0, "delay before each further token")
     gate_file: str = _f("", "if set, generation waits until this file exists (tests, demos)")
+    fail_every: int = _f(0, "every Nth generation fails before its first token (benchmarks, demos; 0: never)")
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,32 @@ class TenantsConfig:
         return out
 
 
+DLQ_STORES = ("sqlite", "nats", "off")
+
+
+@dataclass(frozen=True)
+class DlqConfig:
+    """Dead letters: requests that failed after the edge admitted them, kept to be listed and replayed."""
+
+    store: str = _f("sqlite", "sqlite (one file on the edge's host), nats (JetStream, shared by edges) or off")
+    path: str = _f("", "the SQLite file (default: $XDG_STATE_HOME/prompt-orchestrator/dead-letters.db)")
+    keep_request: bool = _f(False, "keep each request (input, params, metadata: user data) so it can be replayed")
+    sheds: bool = _f(False, "also keep requests shed further down after the edge admitted them")
+    max_letters: int = _f(10000, "letters kept at most; the oldest go first (and are counted)")
+    max_age_s: float = _f(7 * 24 * 3600.0, "letters older than this go")
+    queue: int = _f(1000, "letters waiting to be written; past this, new ones are dropped (and counted)")
+    nats_url: str = _f("nats://127.0.0.1:4222", "the NATS server, for store = nats")
+    nats_stream: str = _f("ORCH_DLQ", "the JetStream stream, for store = nats")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.store not in DLQ_STORES:
+            out.append(f"dlq.store {self.store!r} is not one of {', '.join(DLQ_STORES)}")
+        if self.max_letters < 1 or self.max_age_s <= 0 or self.queue < 1:
+            out.append("dlq.max_letters and dlq.queue must be >= 1, dlq.max_age_s > 0")
+        return out
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -438,6 +465,7 @@ class MeshConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    dlq: DlqConfig = field(default_factory=DlqConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rag: RagConfig = field(default_factory=RagConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
@@ -457,7 +485,7 @@ class MeshConfig:
         if any(self.stage(name).admin_port >= 0 for name in STAGES):
             hosts["server.admin_host"] = self.server.admin_host
         out += self.tls.problems(hosts)
-        out += self.auth.problems() + self.tenants.problems()
+        out += self.auth.problems() + self.tenants.problems() + self.dlq.problems()
         return out
 
     def groups(self) -> list[tuple[str, ...]]:

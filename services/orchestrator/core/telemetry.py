@@ -19,6 +19,8 @@ from opentelemetry.propagate import get_global_textmap
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from orchestrator.core.calls import REPLAY_TRACE_KEY
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
@@ -65,6 +67,21 @@ METRICS: tuple[MetricSpec, ...] = (
         ("tenant", "outcome"),
     ),
     MetricSpec("shed_total", "counter", "Requests shed, by stage and reason.", ("stage", "reason")),
+    MetricSpec(
+        "dead_letters_total",
+        "counter",
+        "Dead letters written: requests that failed after the edge admitted them, by the stage and status that ended "
+        "them.",
+        ("stage", "status"),
+    ),
+    MetricSpec(
+        "dead_letter_errors_total",
+        "counter",
+        "Dead letters lost: the queue was full (queue_full) or the store failed (store).",
+        ("kind",),
+    ),
+    MetricSpec("dead_letters_dropped_total", "counter", "Dead letters the store's bounds removed (count, age).", ()),
+    MetricSpec("dead_letter_store_size", "gauge", "Dead letters in the store.", ()),
     MetricSpec(
         "time_to_first_token_seconds", "histogram", "From admission to the worker's first token.", ("stage", "model")
     ),
@@ -150,7 +167,8 @@ class Metrics:
         key = (name, labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self._prom[name].labels(*labels)
+            metric = self._prom[name]
+            child = self._children[key] = metric.labels(*labels) if labels else metric
         return child
 
     def _otel_attrs(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
@@ -188,6 +206,16 @@ class Metrics:
             self._otel[name].record(value, self._otel_attrs(name, labels))
 
 
+def _replay_link(value: str) -> list[trace.Link]:
+    """A replayed dead letter's span links to the request it replays (``<trace id>-<span id>``, hex)."""
+    trace_id, _, span_id = value.partition("-")
+    try:
+        context = trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True)
+    except ValueError:
+        return []
+    return [trace.Link(context, {"orchestrator.link": "replay of"})] if context.is_valid else []
+
+
 class Telemetry:
     """Where the runtime reports what happens to requests; the defaults record metrics only."""
 
@@ -220,6 +248,7 @@ class Telemetry:
             context=parent,
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            links=_replay_link(carrier.get(REPLAY_TRACE_KEY, "")),
         )
 
     def client_span(self, rpc: str) -> tuple[Span, tuple[tuple[str, str], ...]]:
@@ -296,6 +325,19 @@ class Telemetry:
             else:
                 seen.add(tenant)
         self.metrics.inc("tenant_requests_total", (tenant, outcome))
+
+    def record_dead_letter(self, stage: str, status: str) -> None:
+        self.metrics.inc("dead_letters_total", (stage, status))
+
+    def record_dead_letter_error(self, kind: str) -> None:
+        self.metrics.inc("dead_letter_errors_total", (kind,))
+
+    def record_dead_letters_dropped(self, count: int) -> None:
+        if count:
+            self.metrics.inc("dead_letters_dropped_total", (), count)
+
+    def record_dead_letter_store_size(self, size: int) -> None:
+        self.metrics.set("dead_letter_store_size", (), size)
 
     def record_shed(self, stage: str, reason: str) -> None:
         """Called for every request a stage sheds."""

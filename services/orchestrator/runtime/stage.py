@@ -25,6 +25,8 @@ from orchestrator.core.requests import Undecodable, normalize_request
 from orchestrator.core.scope import Scope
 from orchestrator.core.telemetry import Telemetry, mark_span
 from orchestrator.runtime.admission import Admission, Limiter, Slot
+from orchestrator.runtime.deadletters import DeadLetter, new_letter_id
+from orchestrator.runtime.dlq import DeadLetters
 from orchestrator.runtime.security import PeerCheck
 from orchestrator.runtime.tenants import EdgeGate, KeyRing, TenantLimits
 from orchestrator.v1 import admin_pb2, types_pb2
@@ -98,6 +100,7 @@ class StageRuntime:
         peers: PeerCheck | None = None,
         gate: EdgeGate | None = None,
         keys: KeyRing | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.stage = stage
         self.rpc = rpc or stage
@@ -117,6 +120,8 @@ class StageRuntime:
         self.keys = keys
         # Where this replica listens, once it does: reported in each request's timings.
         self.replica = ""
+        # At the edge: where requests that fail after admission are kept (None: dead letters off).
+        self.dead_letters = dead_letters
         self.outcomes = Outcomes()
         self.draining = False
         self._summaries = {k: _Summary() for k in ("shed", "invalid", "denied", "rate_limited")}
@@ -153,6 +158,7 @@ class StageRuntime:
             peers=PeerCheck(cfg.tls, stage),
             gate=gate,
             keys=keys,
+            dead_letters=DeadLetters(cfg.dlq, stage, telemetry) if stage == EDGE and cfg.dlq.store != "off" else None,
         )
 
     @property
@@ -189,6 +195,7 @@ class StageRuntime:
         outcome = "error"
         request_id = ""
         entered: str | None = None  # the tenant whose share this call holds at the edge
+        failure: OrchestratorError | None = None
         self._track(+1)
         try:
             deadline_s = context.time_remaining()
@@ -205,6 +212,7 @@ class StageRuntime:
             outcome = self._cancelled(request_id, context, span)
             raise
         except OrchestratorError as err:
+            failure = err
             outcome = self._failed(request_id, context, span, err)
         except Exception as exc:
             outcome = self._crashed(request_id, context, span, exc)
@@ -217,7 +225,46 @@ class StageRuntime:
             self.telemetry.record_stage_latency(self.stage, time.perf_counter() - started, outcome)
             if self.keys is not None and self.gate is not None and (tenant := TENANT.get()):
                 self.telemetry.record_tenant(tenant, outcome)
+            if self.dead_letters is not None and scope is not None and isinstance(request, types_pb2.PromptRequest):
+                self._dead_letter(request, outcome, failure, scope, span, started)
             self._close_span(span, token, outcome, scope)
+
+    def _dead_letter(
+        self,
+        request: types_pb2.PromptRequest,
+        outcome: str,
+        failure: OrchestratorError | None,
+        scope: Scope,
+        span: Span,
+        started: float,
+    ) -> None:
+        """Keep a request that failed after admission (an error or a deadline; a shed below too, if configured)."""
+        assert self.dead_letters is not None
+        if outcome not in ("error", "deadline") and not (outcome == "shed_below" and self.dead_letters.cfg.sheds):
+            return
+        if failure is not None:
+            stage, status, message = failure.stage or self.stage, failure.code.name, failure.message
+        else:  # the caller's deadline passed here, or a bug in this stage
+            status = "DEADLINE_EXCEEDED" if outcome == "deadline" else "INTERNAL"
+            stage, message = self.stage, "deadline exceeded" if outcome == "deadline" else "internal error"
+        ctx = span.get_span_context()
+        self.dead_letters.record(
+            DeadLetter(
+                id=new_letter_id(),
+                request_id=request.request_id,
+                session=request.session.id,
+                stage=stage,
+                status=status,
+                message=message,
+                at=time.time(),
+                duration_ms=(time.perf_counter() - started) * 1000,
+                tokens_streamed=scope.tokens_out,
+                tenant=TENANT.get(),
+                trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",
+                span_id=format(ctx.span_id, "016x") if ctx.is_valid else "",
+                request=request.SerializeToString() if self.dead_letters.cfg.keep_request else None,
+            )
+        )
 
     @staticmethod
     def _queued_below(scope: Scope | None, outcome: str) -> float | None:

@@ -63,6 +63,8 @@ def app_of(
     services = [rpc_service(spec, handler), links]
     options = (*server_options(cfg.server, cfg.network), *connection_limits(cfg.stage(name)))
     certificates = server_certificates(cfg.tls, name)
+    if runtime.dead_letters is not None:  # letters recorded before the stop are written before it exits
+        extra.setdefault("closers", []).append(runtime.dead_letters.close)
     return StageApp(
         name,
         runtime,

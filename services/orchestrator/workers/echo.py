@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from orchestrator.core.config import EchoConfig
+from orchestrator.core.errors import InferenceError
 from orchestrator.workers.base import GenerationRequest, ModelWorker
 
 # A token is a word with the whitespace before it, so joining tokens restores the text.
@@ -25,6 +26,7 @@ class EchoWorker(ModelWorker):
 
     def __init__(self, cfg: EchoConfig | None = None) -> None:
         self._cfg = cfg or EchoConfig()
+        self._generations = 0
 
     def count_tokens(self, text: str) -> int:
         return len(echo_tokens(text))
@@ -36,6 +38,9 @@ class EchoWorker(ModelWorker):
             await asyncio.sleep(_GATE_POLL_S)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        self._generations += 1
+        if self._cfg.fail_every and self._generations % self._cfg.fail_every == 0:
+            raise InferenceError(f"echo: generation {self._generations} fails, as echo.fail_every says")
         if self._cfg.gate_file:
             await self._wait_for_gate()
         if self._cfg.ttft_ms:
