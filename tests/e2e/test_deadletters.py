@@ -19,7 +19,7 @@ from orchestrator.runtime.deadletters import DeadLetter, Filter
 from orchestrator.runtime.dlq import open_store
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import OrchestratorRpcError
-from tests.conftest import BIN, clean_env, mesh_client, poll
+from tests.conftest import BIN, clean_env, mesh_client, poll, scrape
 from tests.e2e.test_backends import Backend, openai_env
 from tests.e2e.test_tracing import otel_env
 from tests.natsserver import nats_server
@@ -32,8 +32,10 @@ LONG_INPUT = "explain what a dead letter queue is for " * 40
 
 @pytest.fixture(params=["sqlite", "nats"])
 def dlq_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The store's settings; its files are under tmp_path/<store>."""
     if request.param == "sqlite":
-        yield {"ORCH_DLQ_STORE": "sqlite", "ORCH_DLQ_PATH": str(tmp_path / "dead-letters.db")}
+        (tmp_path / "sqlite").mkdir()
+        yield {"ORCH_DLQ_STORE": "sqlite", "ORCH_DLQ_PATH": str(tmp_path / "sqlite" / "dead-letters.db")}
         return
     with nats_server(tmp_path / "nats") as url:
         yield {"ORCH_DLQ_STORE": "nats", "ORCH_DLQ_NATS_URL": url}
@@ -58,7 +60,7 @@ def letters(env: dict[str, str], expect: int) -> list[DeadLetter]:
 
 
 async def test_a_killed_stage_leaves_one_dead_letter_per_request_it_failed(
-    fresh_mesh: Callable[..., Mesh], dlq_env: dict[str, str], receiver: OtlpReceiver
+    fresh_mesh: Callable[..., Mesh], dlq_env: dict[str, str], receiver: OtlpReceiver, tmp_path: Path
 ) -> None:
     m = fresh_mesh(ORCH_INFERENCE_WORKER_ECHO_TOKEN_DELAY_MS="20", **dlq_env, **otel_env(receiver))
     async with mesh_client(m.entry) as client:
@@ -97,6 +99,17 @@ async def test_a_killed_stage_leaves_one_dead_letter_per_request_it_failed(
             return found or None
 
         assert poll(edge_span, timeout_s=15, what="the edge's span") == [x.trace_id], x
+    # Counted by stage and status; and with dlq.keep_request off, no prompt text anywhere in the store's files.
+    counted = scrape(m.stages["stream"].metrics_address)
+    assert counted[("orchestrator_dead_letters_total", (("stage", "inference"), ("status", "UNAVAILABLE")))] == 3
+    assert store_files_containing(tmp_path, b"dead letter queue is for") == []
+
+
+def store_files_containing(root: Path, text: bytes) -> list[Path]:
+    """The store's files (under ``root``) that hold ``text``; there are some files to search."""
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".log")]
+    assert files
+    return [p for p in files if text in p.read_bytes()]
 
 
 def dlq(*args: str, env: dict[str, str], target: str = "") -> subprocess.CompletedProcess[str]:
