@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -218,6 +219,17 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.terminate()
         try:
             proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stop_gently(proc: subprocess.Popen[str]) -> None:
+    """Stop an ``orchestrator up`` as a user would (Ctrl-C), so that it stops its stages too; kill it if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

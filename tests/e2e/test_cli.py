@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
-from tests.conftest import BIN, ROOT, clean_env, free_port_config, mesh_sync_client, run_demo
+from tests.conftest import BIN, ROOT, clean_env, free_port_config, mesh_sync_client, run_demo, stop_gently
 
 
 def run(
@@ -108,13 +108,7 @@ def test_up_runs_in_the_foreground_until_interrupted(tmp_path: Path) -> None:
         assert proc.returncode == 0, "".join(lines) + out
         assert "stopped all five stages" in out
     finally:
-        if proc.poll() is None:  # a failed check: stop it as a user would, so it stops its stages too
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gently(proc)
 
 
 @pytest.mark.mesh

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.core.affinity import rendezvous_order
 from orchestrator.core.graph import STAGES
-from tests.conftest import BIN, clean_env, free_port_config, mesh_sync_client
+from tests.conftest import BIN, clean_env, free_port_config, mesh_sync_client, stop_gently
 
 pytestmark = pytest.mark.mesh
 
@@ -72,10 +72,4 @@ def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gently(proc)

@@ -37,9 +37,10 @@ class Waiting:
     moved: bool = False
 
 
-class _Counted:
-    """A call that tells ``Replicas`` when it is over: the runtime cancels every call it made once done with it
-    (a no-op for one that ended), so ``cancel`` is that moment. ``read`` is the call's own bound method."""
+class CountedCall:
+    """A call that tells whoever counts calls (``Replicas``, ``RenewingTransport``) when it is over: the runtime
+    cancels every call it made once done with it (a no-op for one that ended), so ``cancel`` is that moment, once.
+    ``read`` is the call's own bound method: no cost per message."""
 
     __slots__ = ("_call", "_done", "read")
 
@@ -98,7 +99,7 @@ class Replicas:
         """A call to the replica at ``addr``, counted until the runtime is done with it."""
         call = self.transports[addr](request, timeout=timeout, metadata=metadata)
         self._calls[addr] += 1
-        return _Counted(call, partial(self._ended, addr))
+        return CountedCall(call, partial(self._ended, addr))
 
     def _ended(self, addr: str) -> None:
         self._calls[addr] -= 1

@@ -27,7 +27,7 @@ from orchestrator.runtime.colocated import COLOCATED
 from orchestrator.runtime.discovery import Discovery, resolve_now, split_endpoints
 from orchestrator.runtime.downstream import Downstream
 from orchestrator.runtime.link import LinkClient, LinkContext
-from orchestrator.runtime.replicas import Replicas
+from orchestrator.runtime.replicas import CountedCall, Replicas
 from orchestrator.runtime.security import callee_name_options, caller_files, channel_credentials, files_stamp
 from orchestrator.v1 import stages_pb2_grpc, types_pb2
 
@@ -82,25 +82,6 @@ class LinkTransport(LinkClient[Any]):
         await self._channel.close()
 
 
-class _Tracked:
-    """A call that tells its transport when it is over: the runtime cancels every call it made once done with it
-    (a no-op for one that ended), so ``cancel`` is that moment. ``read`` is the call's own bound method: no cost
-    per message."""
-
-    __slots__ = ("_call", "_done", "read")
-
-    def __init__(self, call: Call, done: Callable[[], None]) -> None:
-        self._call = call
-        self._done: Callable[[], None] | None = done
-        self.read = call.read
-
-    def cancel(self) -> bool:
-        done, self._done = self._done, None
-        if done is not None:
-            done()
-        return self._call.cancel()
-
-
 class RenewingTransport:
     """Calls to a replica over TLS, on a transport made again when this stage's certificate files change.
 
@@ -130,7 +111,7 @@ class RenewingTransport:
         transport = self._current
         call = transport(request, timeout=timeout, metadata=metadata)
         self._calls[transport] += 1
-        return _Tracked(call, partial(self._ended, transport))
+        return CountedCall(call, partial(self._ended, transport))
 
     async def healthy(self, timeout_s: float) -> bool:
         self._renew_if_changed()
