@@ -195,7 +195,8 @@ class StageRuntime:
         outcome = "error"
         request_id = ""
         entered: str | None = None  # the tenant whose share this call holds at the edge
-        failure: OrchestratorError | None = None
+        # What ended the request (stage, status, message): not the error itself, whose traceback holds this frame.
+        failure: tuple[str, str, str] | None = None
         self._track(+1)
         try:
             deadline_s = context.time_remaining()
@@ -212,7 +213,7 @@ class StageRuntime:
             outcome = self._cancelled(request_id, context, span)
             raise
         except OrchestratorError as err:
-            failure = err
+            failure = (err.stage or self.stage, err.code.name, err.message)
             outcome = self._failed(request_id, context, span, err)
         except Exception as exc:
             outcome = self._crashed(request_id, context, span, exc)
@@ -233,7 +234,7 @@ class StageRuntime:
         self,
         request: types_pb2.PromptRequest,
         outcome: str,
-        failure: OrchestratorError | None,
+        failure: tuple[str, str, str] | None,
         scope: Scope,
         span: Span,
         started: float,
@@ -243,7 +244,7 @@ class StageRuntime:
         if outcome not in ("error", "deadline") and not (outcome == "shed_below" and self.dead_letters.cfg.sheds):
             return
         if failure is not None:
-            stage, status, message = failure.stage or self.stage, failure.code.name, failure.message
+            stage, status, message = failure
         else:  # the caller's deadline passed here, or a bug in this stage
             status = "DEADLINE_EXCEEDED" if outcome == "deadline" else "INTERNAL"
             stage, message = self.stage, "deadline exceeded" if outcome == "deadline" else "internal error"
