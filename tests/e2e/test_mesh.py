@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -304,3 +306,42 @@ async def test_overload_is_shed_fast_and_what_is_admitted_waits_little(fresh_mes
     edge_ok = samples[("orchestrator_requests_total", (("outcome", "ok"), ("stage", "stream")))]
     assert edge_ok == len(ok)
     assert samples[("orchestrator_concurrency_limit", (("stage", "stream"),))] < 1024
+
+
+async def test_the_edge_logs_a_line_per_request_with_ids_and_timings_and_no_text(
+    fresh_mesh: Callable[..., Mesh],
+) -> None:
+    secret = "tangerine-submarine-0091"
+    for fmt in ("text", "json"):
+        m = fresh_mesh(ORCH_SERVER_ACCESS_LOG=fmt)
+        async with mesh_client(m.entry) as client:
+            ok = await client.complete(f"log me {secret}", session="logged", max_tokens=5)
+            with pytest.raises(OrchestratorRpcError):
+                await client.complete("", session="logged")  # invalid: logged too
+        log_path = m.stages["stream"].log_path
+        assert log_path is not None
+
+        def lines(path: Path = log_path) -> list[str] | None:
+            found = [line for line in path.read_text().splitlines() if "orchestrator.access" in line]
+            return found if len(found) >= 2 else None
+
+        access = poll(lines, what="two access log lines")
+        assert not any(secret in line for line in access)
+        line = next(x for x in access if ok.request_id in x)
+        if fmt == "json":
+            fields = json.loads(line[line.index("{") :])
+            assert (fields["session"], fields["outcome"], fields["status"], fields["tokens"]) == (
+                "logged",
+                "ok",
+                "OK",
+                5,
+            )
+            assert fields["total_ms"] > 0
+        else:
+            assert "session=logged" in line and "outcome=ok" in line and "tokens=5" in line
+        assert any("outcome=invalid" in x or '"outcome":"invalid"' in x for x in access)
+    # Each stage process exports its own resource use and what it runs.
+    samples = scrape(m.stages["inference"].metrics_address)
+    assert samples[("process_resident_memory_bytes", ())] > 10e6
+    assert any(name == "orchestrator_build_info" and value == 1 for (name, _), value in samples.items())
+    assert any(name.startswith("python_gc_") for name, _ in samples)

@@ -114,6 +114,13 @@ async def test_one_request_is_one_trace_with_an_edge_per_hop(
     assert inference.attributes["orchestrator.tokens.in"] > 0
     assert "first_token" in inference.event_names
     assert server_span(spans, "post").attributes["orchestrator.tokens.out"] == 20
+    # What GenAI-aware viewers read: the OpenTelemetry GenAI conventions, and OpenInference's span kinds.
+    genai = inference.attributes
+    assert genai["gen_ai.operation.name"] == "text_completion" and genai["gen_ai.request.model"] == "echo"
+    assert genai["gen_ai.usage.output_tokens"] == 20 and genai["gen_ai.usage.input_tokens"] > 0
+    assert genai["gen_ai.request.max_tokens"] == 20 and genai["llm.token_count.completion"] == 20
+    kinds = {stage: server_span(spans, stage).attributes["openinference.span.kind"] for stage in STAGES}
+    assert kinds == {"stream": "CHAIN", "post": "CHAIN", "inference": "LLM", "assemble": "CHAIN", "rag": "RETRIEVER"}
     # Prompt text is user data: it must not appear anywhere in any span.
     for span in receiver.snapshot():
         for value in [*span.attributes.values(), *(v for _, a in span.events for v in a.values())]:

@@ -303,6 +303,9 @@ class ServerConfig:
         8192, "calls gRPC holds for a stage before its code picks them up; a burst up to this size is answered in full"
     )
     reflection: bool = _f(True, "serve gRPC server reflection (v1 and v1alpha) on every stage")
+    access_log: str = _f(
+        "text", "a line per request at the edge (ids, status, sizes, timings; never text): text, json or off"
+    )
     layout: tuple[str, ...] = _f(
         (),
         "stages that share a process, a group per entry with stages joined by + (e.g. rag+assemble,inference,"
@@ -529,6 +532,8 @@ class MeshConfig:
             out.append("server.max_message_bytes must be >= 65536")
         if self.server.max_pending_calls < 1:
             out.append("server.max_pending_calls must be >= 1")
+        if self.server.access_log not in ("text", "json", "off"):
+            out.append(f"server.access_log {self.server.access_log!r} is not text, json or off")
         return out
 
     def _limits_problems(self) -> list[str]:

@@ -23,6 +23,8 @@ class Stage:
     service: str  # the service's name in stages.proto
     method: str  # its one server-streaming method
     does: str  # one line, for docs and help
+    # What LLM trace viewers call the stage's span (OpenInference span kinds: RETRIEVER, CHAIN, LLM).
+    span_kind: str = "CHAIN"
 
     @property
     def full_service(self) -> str:
@@ -43,9 +45,9 @@ class Stage:
 
 
 GRAPH: tuple[Stage, ...] = (
-    Stage("rag", "RagService", "Retrieve", "BM25 retrieval over a corpus"),
+    Stage("rag", "RagService", "Retrieve", "BM25 retrieval over a corpus", "RETRIEVER"),
     Stage("assemble", "AssembleService", "Assemble", "the prompt template within a size limit"),
-    Stage("inference", "InferenceService", "Infer", "the model worker's tokens, coalesced"),
+    Stage("inference", "InferenceService", "Infer", "the model worker's tokens, coalesced", "LLM"),
     Stage("post", "PostService", "Process", "stop sequences and max_tokens"),
     Stage("stream", "StreamService", "Submit", "the edge: numbered chunks, usage and timings"),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +18,15 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from orchestrator.core.calls import REPLAY_TRACE_KEY
 
@@ -83,6 +92,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("dead_letters_dropped_total", "counter", "Dead letters the store's bounds removed (count, age).", ()),
     MetricSpec("dead_letter_store_size", "gauge", "Dead letters in the store.", ()),
     MetricSpec(
+        "build_info", "gauge", "1, labelled with the version of the server and of Python.", ("version", "python")
+    ),
+    MetricSpec(
         "time_to_first_token_seconds", "histogram", "From admission to the worker's first token.", ("stage", "model")
     ),
     MetricSpec("tokens_total", "counter", "Tokens generated (inference) or streamed to clients (stream).", ("stage",)),
@@ -126,6 +138,17 @@ def describe_metrics() -> str:
 
 
 _LABELS = {spec.name: spec.labels for spec in METRICS}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prompt-orchestrator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 # Gauges read when scraped (or exported), from what the runtime counts anyway: a stage changes them twice per
 # request, and a Prometheus gauge's lock costs more than the counting.
 WATCHED = ("queue_depth", "in_flight_requests")
@@ -162,6 +185,15 @@ class Metrics:
                     "histogram": meter.create_histogram,
                 }[spec.kind]
                 self._otel[spec.name] = create(full, unit=unit, description=spec.help)
+        self._runtime()
+
+    def _runtime(self) -> None:
+        """The process's own metrics (CPU, memory, open file descriptors, GC; ``process_*``, ``python_*``) and what
+        is running (``build_info``)."""
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.set("build_info", (_version(), platform.python_version()), 1)
 
     def _child(self, name: str, labels: tuple[str, ...]) -> Any:
         key = (name, labels)

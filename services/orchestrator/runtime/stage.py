@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from opentelemetry.trace import Span
 from orchestrator.core.calls import TENANT, TENANT_KEY, CallContext
 from orchestrator.core.config import LimitsConfig, MeshConfig
 from orchestrator.core.errors import ChannelClosed, OrchestratorError, WireStatus, to_status
-from orchestrator.core.graph import EDGE
+from orchestrator.core.graph import EDGE, stage
 from orchestrator.core.requests import Undecodable, normalize_request
 from orchestrator.core.scope import Scope
 from orchestrator.core.telemetry import Telemetry, mark_span
@@ -32,6 +33,8 @@ from orchestrator.runtime.tenants import EdgeGate, KeyRing, TenantLimits
 from orchestrator.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger(__name__)
+# The edge's access log: its own logger, so it can be routed or silenced apart from the rest.
+access_log = logging.getLogger("orchestrator.access")
 
 T = TypeVar("T")
 
@@ -74,6 +77,22 @@ class _Summary:
         return due
 
 
+def _genai_usage(scope: Scope) -> dict[str, str | int]:
+    """What GenAI-aware trace viewers read of a generation: the model and token counts, in the OpenTelemetry GenAI
+    conventions and OpenInference's (``llm.*``), beside this project's own ``orchestrator.*``."""
+    return {
+        "orchestrator.model": scope.model,
+        "gen_ai.request.model": scope.model,
+        "gen_ai.response.model": scope.model,
+        "gen_ai.usage.input_tokens": scope.tokens_in,
+        "gen_ai.usage.output_tokens": scope.tokens_out,
+        "llm.model_name": scope.model,
+        "llm.token_count.prompt": scope.tokens_in,
+        "llm.token_count.completion": scope.tokens_out,
+        "llm.token_count.total": scope.tokens_in + scope.tokens_out,
+    }
+
+
 def _tenant_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The tenant the calling stage sent on (see ``TENANT_KEY``)."""
     for name, value in metadata or ():
@@ -101,6 +120,7 @@ class StageRuntime:
         gate: EdgeGate | None = None,
         keys: KeyRing | None = None,
         dead_letters: DeadLetters | None = None,
+        access_log: str = "off",
     ) -> None:
         self.stage = stage
         self.rpc = rpc or stage
@@ -122,6 +142,8 @@ class StageRuntime:
         self.replica = ""
         # At the edge: where requests that fail after admission are kept (None: dead letters off).
         self.dead_letters = dead_letters
+        # At the edge: a line per request ("text", "json"; "off" elsewhere).
+        self.access_log = access_log
         self.outcomes = Outcomes()
         self.draining = False
         self._summaries = {k: _Summary() for k in ("shed", "invalid", "denied", "rate_limited")}
@@ -159,6 +181,7 @@ class StageRuntime:
             gate=gate,
             keys=keys,
             dead_letters=DeadLetters(cfg.dlq, stage, telemetry) if stage == EDGE and cfg.dlq.store != "off" else None,
+            access_log=cfg.server.access_log if stage == EDGE else "off",
         )
 
     @property
@@ -228,7 +251,36 @@ class StageRuntime:
                 self.telemetry.record_tenant(tenant, outcome)
             if self.dead_letters is not None and scope is not None and isinstance(request, types_pb2.PromptRequest):
                 self._dead_letter(request, outcome, failure, scope, span, started)
+            if self.access_log != "off":
+                self._access(request, outcome, failure, scope, started)
             self._close_span(span, token, outcome, scope)
+
+    def _access(
+        self,
+        request: types_pb2.PromptRequest | Undecodable,
+        outcome: str,
+        failure: tuple[str, str, str] | None,
+        scope: Scope | None,
+        started: float,
+    ) -> None:
+        """The edge's line per request: ids, how it ended and where, sizes and timings; never text."""
+        known = request if isinstance(request, types_pb2.PromptRequest) else None
+        fields = {
+            "request": known.request_id if known else "",
+            "session": known.session.id if known else "",
+            "tenant": TENANT.get(),
+            "outcome": outcome,
+            "stage": failure[0] if failure else self.stage,
+            "status": failure[1] if failure else ("OK" if outcome == "ok" else outcome.upper()),
+            "input_chars": len(known.input) if known else 0,
+            "tokens": scope.tokens_out if scope is not None else 0,
+            "queue_ms": round(scope.queue_s * 1000, 2) if scope is not None else 0.0,
+            "total_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        if self.access_log == "json":
+            access_log.info(json.dumps(fields, separators=(",", ":")))
+        else:
+            access_log.info(" ".join(f"{k}={v if v != '' else '-'}" for k, v in fields.items()))
 
     def _dead_letter(
         self,
@@ -284,8 +336,18 @@ class StageRuntime:
         return span, token
 
     def _describe(self, span: Span, request: types_pb2.PromptRequest) -> None:
+        kind = stage(self.stage).span_kind
+        if kind == "LLM":  # the GenAI request, as the OpenTelemetry GenAI conventions name it
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "text_completion",
+                    "gen_ai.request.max_tokens": request.params.max_tokens,
+                    "gen_ai.request.temperature": request.params.temperature,
+                }
+            )
         span.set_attributes(
             {
+                "openinference.span.kind": kind,
                 "orchestrator.stage": self.stage,
                 "orchestrator.request_id": request.request_id,
                 "orchestrator.session_id": request.session.id,
@@ -305,8 +367,8 @@ class StageRuntime:
                 span.set_attributes(
                     {"orchestrator.tokens.in": scope.tokens_in, "orchestrator.tokens.out": scope.tokens_out}
                 )
-                if scope.model:
-                    span.set_attribute("orchestrator.model", scope.model)
+                if scope.model:  # a stage that reports a model is a GenAI operation
+                    span.set_attributes(_genai_usage(scope))
         span.end()
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
