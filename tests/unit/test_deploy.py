@@ -267,3 +267,31 @@ def test_the_colocated_overlay_runs_every_stage_in_one_process_with_ports_of_the
     assert container["args"] == ["stage", "+".join(STAGES)]
     ports = {p["containerPort"] for p in container["ports"]}
     assert {cfg.stage(name).port for name in STAGES} <= ports and cfg.stream.health_port in ports
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus package")
+def test_alert_rules_check_and_fire_on_synthetic_series() -> None:
+    for args in (["check", "rules", "rules.yml"], ["test", "rules", "rules_test.yml"]):
+        done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60, check=False, cwd=DEPLOY)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_dashboard_query_names_a_metric_the_mesh_exports() -> None:
+    import yaml
+
+    dashboard = json.loads((DEPLOY / "grafana" / "orchestrator.json").read_text())
+    recorded = {
+        rule["record"]
+        for group in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+    exported = {f"orchestrator_{m.name}" for m in METRICS} | {"process_resident_memory_bytes"}
+    suffixes = ("_bucket", "_count", "_sum")
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = re.findall(r"\b(?:orchestrator[_:][a-z0-9_:]+|process_[a-z_]+)\b", target["expr"])
+            assert names, target
+            for name in names:
+                base = next((name.removesuffix(s) for s in suffixes if name.endswith(s)), name)
+                assert name in recorded or base in exported, (panel["title"], name)
