@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
@@ -41,6 +42,7 @@ class OtlpReceiver(OtlpSink):
     def __init__(self) -> None:
         super().__init__()
         self.spans: list[ReceivedSpan] = []
+        self.metrics: dict[str, list[tuple[str, dict[str, Any], float]]] = {}
 
     def receive(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         for rs in request.resource_spans:
@@ -65,7 +67,14 @@ class OtlpReceiver(OtlpSink):
 
     def start(self) -> OtlpReceiver:
         super().start()
+        # The same server takes OTLP metrics too (OTEL_METRICS_EXPORTER=otlp): kept by metric name.
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._server)
         return self
+
+    def metric_points(self, name: str) -> list[tuple[str, dict[str, Any], float]]:
+        """Every data point received for ``name``: (service, attributes, value)."""
+        with self._lock:
+            return list(self.metrics.get(name, []))
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:
@@ -74,3 +83,23 @@ class OtlpReceiver(OtlpSink):
     def snapshot(self) -> list[ReceivedSpan]:
         with self._lock:
             return list(self.spans)
+
+
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any) -> Any:
+        with self._receiver._lock:
+            for rm in request.resource_metrics:
+                service = str({a.key: _value(a.value) for a in rm.resource.attributes}.get("service.name", ""))
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        kind = metric.WhichOneof("data")
+                        for point in getattr(metric, kind).data_points if kind else ():
+                            value = getattr(point, "as_int", 0) or getattr(point, "as_double", 0.0)
+                            if kind == "histogram":
+                                value = float(point.count)
+                            attrs = {a.key: _value(a.value) for a in point.attributes}
+                            self._receiver.metrics.setdefault(metric.name, []).append((service, attrs, float(value)))
+        return metrics_service_pb2.ExportMetricsServiceResponse()

@@ -212,3 +212,22 @@ def test_demo_prints_trace_ids_that_reach_the_receiver(receiver: OtlpReceiver, t
     for trace_id in trace_ids:
         spans = wait_for_trace(receiver, trace_id, servers=5, clients=5)
         assert any(s.service == "demo-client" for s in spans)
+
+
+async def test_metrics_reach_an_otlp_receiver(fresh_mesh: Callable[..., Mesh], receiver: OtlpReceiver) -> None:
+    """OTEL_METRICS_EXPORTER=otlp: the stages' metrics go to a real OTLP/gRPC receiver, labelled as in Prometheus."""
+    m = fresh_mesh(**otel_env(receiver), OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="300")
+    async with mesh_client(m.entry) as client:
+        for i in range(3):
+            await client.complete("count me over OTLP", session=f"otlp-{i}", max_tokens=3)
+
+    def counted() -> bool:
+        points = receiver.metric_points("orchestrator_requests_total")
+        ok = [
+            v for service, attrs, v in points if service == "stream" and attrs == {"stage": "stream", "outcome": "ok"}
+        ]
+        return bool(ok) and max(ok) >= 3
+
+    poll(counted, timeout_s=20, interval_s=0.1, what="orchestrator_requests_total over OTLP")
+    depth = receiver.metric_points("orchestrator_queue_depth")  # a gauge read when exported
+    assert any(service == "inference" for service, _, _ in depth)

@@ -284,16 +284,21 @@ class Telemetry:
         )
 
     def client_span(self, rpc: str) -> tuple[Span, tuple[tuple[str, str], ...]]:
-        """A CLIENT span for an outgoing call, child of the current span, and the metadata carrying it."""
+        """A CLIENT span for an outgoing call, child of the current span, and the metadata carrying it. Under an
+        unsampled span there is no span to make: the metadata carries the unsampled context on, which is cheap."""
         if not self.tracing:
             return trace.INVALID_SPAN, ()
+        if not trace.get_current_span().get_span_context().trace_flags.sampled:
+            carrier: dict[str, str] = {}
+            self._propagator.inject(carrier)
+            return trace.INVALID_SPAN, tuple(carrier.items())
         service, _, method = rpc.rpartition("/")
         span = self.tracer.start_span(
             rpc,
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         )
-        carrier: dict[str, str] = {}
+        carrier = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(span))
         return span, tuple(carrier.items())
 

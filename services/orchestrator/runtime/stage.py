@@ -330,9 +330,11 @@ class StageRuntime:
     # -- spans -------------------------------------------------------------------------------------
 
     def _open_span(self, context: CallContext) -> tuple[Span, object]:
-        """The stage's SERVER span, made current for this RPC's task so downstream calls become its children."""
+        """The stage's SERVER span, made current for this RPC's task so downstream calls become its children. An
+        unsampled one is made current too: its context carries the decision on, so no stage below starts a trace of
+        its own in the middle of the chain."""
         span = self.telemetry.server_span(self.rpc, context.invocation_metadata())
-        token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+        token = otel_context.attach(trace.set_span_in_context(span)) if self.telemetry.tracing else None
         return span, token
 
     def _describe(self, span: Span, request: types_pb2.PromptRequest) -> None:
