@@ -8,6 +8,9 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 LLAMA_STAMP := $(VENV)/.llama-installed
+# The trace viewer (Arize Phoenix) in a virtualenv of its own: its pins never meet the project's.
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
 # llama.cpp build flags that cut the compile from ~9 to ~1 min on 2 cores: no llava, no llama-common
 # library (the server needs only libllama), no -O3. The wheel is built for this machine only.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE=$(CURDIR)/tests/tools/llama_no_common.cmake -DCMAKE_C_FLAGS_RELEASE=-DNDEBUG -DCMAKE_CXX_FLAGS_RELEASE=-DNDEBUG
@@ -17,7 +20,7 @@ GEN_DIR := protos
 GEN_PKG := $(GEN_DIR)/orchestrator/v1
 GENERATED := '$(GEN_PKG)/*_pb2*'
 
-.PHONY: bench bench-full docs llama-deps help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
+.PHONY: bench bench-full docs llama-deps phoenix-deps traces help venv protos check-protos buf-lint lint fmt test test-quick run-mesh mesh validate clean node-deps up down
 
 help:
 	@echo "make run-mesh     start the five stages, send 10 demo requests, stop (exit 0)"
@@ -29,7 +32,8 @@ help:
 	@echo "make lint         ruff + mypy + the layer contract (import-linter)"
 	@echo "make validate     check pipeline.toml (and ORCH_* overrides)"
 	@echo "make bench        benchmark the mesh against its floors (a few minutes); bench-full: longer"
-	@echo "make up / down    the mesh + Jaeger + Prometheus with Docker Compose (deploy/compose.yaml)"
+	@echo "make traces       the demo with a local trace viewer (Phoenix, no Docker); prints each trace's URL"
+	@echo "make up / down    the mesh + Jaeger + Prometheus + Grafana with Docker Compose (deploy/compose.yaml)"
 
 # Three distributions from this repository: the protocol (protos/), the client (orchestrator_client/) and the
 # server (.), which depends on both.
@@ -52,6 +56,16 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $(LLAMA_STAMP)
 
 llama-deps: $(LLAMA_STAMP)
+
+$(PHOENIX_STAMP): deploy/phoenix/requirements.txt deploy/phoenix/constraints.txt
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install --quiet -c deploy/phoenix/constraints.txt -r deploy/phoenix/requirements.txt
+	touch $(PHOENIX_STAMP)
+
+phoenix-deps: $(PHOENIX_STAMP)
+
+traces: $(STAMP) $(PHOENIX_STAMP)
+	$(PY) deploy/phoenix/traces.py $(ARGS)
 
 # The one pinned command that produces the generated code (grpcio-tools is pinned in constraints.txt).
 protos: $(STAMP)
@@ -84,7 +98,7 @@ fmt: $(STAMP)
 MESH_SUITE = tests/e2e/test_mesh.py tests/e2e/test_failures.py tests/e2e/test_backends.py tests/e2e/test_metrics.py \
 	tests/e2e/test_tracing.py tests/e2e/test_peers.py
 
-test: $(STAMP) $(NODE_STAMP) $(LLAMA_STAMP) check-protos buf-lint lint
+test: $(STAMP) $(NODE_STAMP) $(LLAMA_STAMP) $(PHOENIX_STAMP) check-protos buf-lint lint
 	$(BIN)/pytest
 	$(BIN)/pytest --tls $(MESH_SUITE)
 	$(BIN)/pytest --layout rag+assemble+inference+post+stream $(MESH_SUITE)

@@ -90,7 +90,11 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
 
             credentials = channel_credentials(mesh.tls, EDGE)  # the operator's: the edge's own certificate
             demo_run = run_demo(
-                mesh.clients_target, sys.stdout, tracer_provider=telemetry.tracer_provider, credentials=credentials
+                mesh.clients_target,
+                sys.stdout,
+                tracer_provider=telemetry.tracer_provider,
+                credentials=credentials,
+                trace_url=args.trace_url or "",
             )
             counts = asyncio.run(demo_run)
             telemetry.shutdown()
@@ -318,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--config", help=f"pipeline TOML (default: $ORCH_CONFIG, else ./{DEFAULT_CONFIG} if present)")
         if name == "up":
             p.add_argument("--foreground-logs", action="store_true", help="stage logs to this terminal")
+        if name == "demo":
+            p.add_argument("--trace-url", help="print each answer's trace as this URL, {trace_id} filled in")
         if name in ("up", "demo"):
             p.add_argument(
                 "--layout",

@@ -71,11 +71,12 @@ async def run_demo(
     max_tokens: int = 48,
     tracer_provider: Any | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    trace_url: str = "",
 ) -> Counter[str]:
     """Send the demo requests at once; print each answer as it completes; return outcome counts.
 
-    With a ``tracer_provider`` each request gets a client span and its trace id is printed; ``credentials``
-    connect over TLS.
+    With a ``tracer_provider`` each request gets a client span and its trace id is printed (as ``trace_url`` with
+    ``{trace_id}`` filled in, when given: a trace viewer's link); ``credentials`` connect over TLS.
     """
     counts: Counter[str] = Counter()
     sessions_by_replica: dict[str, set[str]] = {}
@@ -96,7 +97,8 @@ async def run_demo(
                 print(f"  A: {answer}", file=out)
                 print(f"  first chunk {r.first_chunk_ms:.1f} ms, total {r.total_ms:.1f} ms; {r.summary}", file=out)
                 if r.trace_id:
-                    print(f"  trace {r.trace_id}", file=out)
+                    shown = trace_url.format(trace_id=r.trace_id) if trace_url else r.trace_id
+                    print(f"  trace {shown}", file=out)
             else:
                 counts["shed" if r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"] += 1
                 print(f"  ! {r.error}", file=out)

@@ -296,7 +296,13 @@ class Telemetry:
         span = self.tracer.start_span(
             rpc,
             kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            # A call between stages is a step of the chain to LLM-aware viewers (OpenInference).
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                "openinference.span.kind": "CHAIN",
+            },
         )
         carrier = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(span))
