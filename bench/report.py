@@ -181,7 +181,7 @@ def _notes(extra: dict[str, Any]) -> list[str]:
         t = extra["tracing"]
         lines += [
             "",
-            f"Tracing overhead (N=16, C=16, requests/s): off {t['rps']['off']}, on at 100% "
+            f"Tracing overhead (N=1, C=64, requests/s): off {t['rps']['off']}, on at 100% "
             f"{t['rps']['on, 100%']} (x{t['ratio_on_100']}), on at 1% {t['rps']['on, 1%']} "
             f"(x{t['ratio_on_1']}); {t['spans_received']} spans received.",
         ]

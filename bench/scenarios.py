@@ -347,7 +347,7 @@ async def scenario_tracing(ctx: Context) -> None:
             if otel:
                 env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true"}
             async with mesh_running(ctx.run_dir / f"tracing-{len(rps)}", env, f"mesh, tracing {label}") as mesh:
-                run = await measure("tracing", mesh, tokens=16, concurrency=16, duration_s=ctx.d(5), warmup_s=1)
+                run = await measure("tracing", mesh, tokens=1, concurrency=64, duration_s=ctx.d(5), warmup_s=1)
             ctx.runs.append(run)
             rps[label] = run["rps"]
         ctx.extra["tracing"] = {
@@ -356,6 +356,20 @@ async def scenario_tracing(ctx: Context) -> None:
             "ratio_on_100": ratio(rps["on, 100%"], rps["off"]),
             "ratio_on_1": ratio(rps["on, 1%"], rps["off"]),
         }
+        ctx.target(
+            "tracing_1",
+            "requests/s, N=1, C=64, tracing at 1% sampling / off",
+            ctx.extra["tracing"]["ratio_on_1"],
+            0.95,
+            True,
+        )
+        ctx.target(
+            "tracing_100",
+            "requests/s, N=1, C=64, tracing at 100% sampling / off",
+            ctx.extra["tracing"]["ratio_on_100"],
+            0.75,
+            True,
+        )
     finally:
         sink.stop()
 

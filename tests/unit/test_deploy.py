@@ -295,3 +295,9 @@ def test_every_dashboard_query_names_a_metric_the_mesh_exports() -> None:
             for name in names:
                 base = next((name.removesuffix(s) for s in suffixes if name.endswith(s)), name)
                 assert name in recorded or base in exported, (panel["title"], name)
+
+
+def test_the_production_overlay_ships_the_same_rules_and_dashboard() -> None:
+    monitoring = K8S / "overlays" / "prod" / "monitoring"
+    assert (monitoring / "rules.yml").read_text() == (DEPLOY / "rules.yml").read_text()
+    assert (monitoring / "orchestrator.json").read_text() == (DEPLOY / "grafana" / "orchestrator.json").read_text()
