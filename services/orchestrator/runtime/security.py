@@ -62,14 +62,11 @@ class CertificateFiles:
         self.files = tuple(f for f in (cert_file, key_file, ca_file) if f)
         self._cert_file, self._key_file, self._ca_file = cert_file, key_file, ca_file
         self.require_client_cert = require_client_cert
-        self._stamp = self._stat()
+        self._stamp = files_stamp(self.files)
         self._initial = self._configuration()  # raises OSError: a stage without its certificate does not start
         self._forced = False
         self.reloads = 0
         self._twins: list[CertificateFiles] = []
-
-    def _stat(self) -> tuple[tuple[int, int, int], ...]:
-        return files_stamp(self.files)
 
     def _configuration(self) -> Any:
         ca = _read(self._ca_file) if self._ca_file else None
@@ -91,7 +88,7 @@ class CertificateFiles:
 
     def _fetch(self) -> Any:
         """gRPC's fetcher: a new configuration, or None to keep the current one."""
-        stamp = self._stat()
+        stamp = files_stamp(self.files)
         if stamp == self._stamp and not self._forced:
             return None
         self._forced = False

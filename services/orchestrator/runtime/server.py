@@ -157,7 +157,7 @@ def _local(peer: str) -> bool:
     if kind == "unix":
         return True
     host = rest.rpartition(":")[0].strip("[]")
-    return (kind == "ipv4" and host.startswith("127.")) or (kind == "ipv6" and host in ("::1", "::ffff:127.0.0.1"))
+    return is_loopback(host.removeprefix("::ffff:"))
 
 
 async def reload_app(app: StageApp, load: Callable[[], MeshConfig]) -> str:

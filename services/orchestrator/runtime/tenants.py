@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.core.config import TenantsConfig
 from orchestrator.core.errors import PermissionDenied, RateLimited, Unauthenticated
+from orchestrator.runtime.security import files_stamp
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,10 @@ class KeyRing:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp = self._stat()
+        self._stamp = files_stamp((path,))
         self._keys = parse_keys(Path(path).read_text(encoding="utf-8"), path)  # at start, a bad file is fatal
         self._checked_at = time.monotonic()
         self.reloads = 0
-
-    def _stat(self) -> tuple[int, int, int]:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return (0, 0, 0)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     @property
     def tenants(self) -> list[str]:
@@ -129,7 +122,7 @@ class KeyRing:
         if not force and now - self._checked_at < RELOAD_CHECK_S:
             return
         self._checked_at = now
-        stamp = self._stat()
+        stamp = files_stamp((self.path,))
         if stamp == self._stamp and not force:
             return
         try:
