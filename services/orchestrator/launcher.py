@@ -42,6 +42,8 @@ class StageProcess:
     health_address: str = ""
     # AdminService's own listener, when the stage has one (``<stage>.admin_port``); else its address.
     admin_address: str = ""
+    # The file the process writes once serving (a further replica of a group writes in its own folder).
+    ready: Path | None = None
 
     @property
     def port(self) -> int:
@@ -71,8 +73,15 @@ def spawn_stage(
     command (``ip netns exec HOST``, for the multi-host tests)."""
     ready.unlink(missing_ok=True)
     argv = [*wrap, sys.executable, "-m", f"orchestrator.stages.{name}", "--ready-file", str(ready)]
+    return _popen(argv, config, env, log_path)
+
+
+def _popen(
+    argv: list[str], config: str | None, env: Mapping[str, str], log_path: Path | None
+) -> subprocess.Popen[bytes]:
+    """Start a stage process with its stderr appended to ``log_path`` (inherited when None)."""
     if config:
-        argv += ["--config", config]
+        argv = [*argv, "--config", config]
     stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
@@ -157,13 +166,17 @@ class Mesh:
         """Start replica ``index`` of the stage ``name`` (the first replica keeps the stage's own file names)."""
         key = name if index == 0 else f"{name}-{index}"
         log_path = self.run_dir / f"{key}.log" if log_to_files else None
-        popen = spawn_stage(name, env, self.run_dir / f"{key}.ready", log_path, config, self.wrap)
-        proc = StageProcess(name, popen, "", log_path, dict(env), config, index=index)
-        procs = self.replicas.setdefault(name, [])
-        if index < len(procs):
-            procs[index] = proc
+        ready = self.run_dir / f"{key}.ready"
+        popen = spawn_stage(name, env, ready, log_path, config, self.wrap)
+        return self._place(StageProcess(name, popen, "", log_path, dict(env), config, index=index, ready=ready))
+
+    def _place(self, proc: StageProcess) -> StageProcess:
+        """Record ``proc`` as its stage's replica ``proc.index`` (replacing a restarted one)."""
+        replicas = self.replicas.setdefault(proc.name, [])
+        if proc.index < len(replicas):
+            replicas[proc.index] = proc
         else:
-            procs.append(proc)
+            replicas.append(proc)
         return proc
 
     def spawn_group(
@@ -177,35 +190,21 @@ class Mesh:
         ready_dir.mkdir(exist_ok=True)
         for name in group:
             (ready_dir / f"{name}.ready").unlink(missing_ok=True)
-        argv = [*self.wrap, sys.executable, "-m", "orchestrator.stages.group", "+".join(group), "--ready-dir"]
-        argv.append(str(ready_dir))
-        if config:
-            argv += ["--config", config]
-        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
-        try:
-            popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stderr=stderr)
-        finally:
-            if stderr is not None:
-                stderr.close()
-        procs = [
-            StageProcess(name, popen, "", log_path, dict(env), config, index=index, group=tuple(group))
-            for name in group
-        ]
-        for proc in procs:
-            replicas = self.replicas.setdefault(proc.name, [])
-            if index < len(replicas):
-                replicas[index] = proc
-            else:
-                replicas.append(proc)
+        argv = [*self.wrap, sys.executable, "-m", "orchestrator.stages.group", "+".join(group)]
+        popen = _popen([*argv, "--ready-dir", str(ready_dir)], config, env, log_path)
+        procs = []
+        for name in group:
+            ready = ready_dir / f"{name}.ready"
+            proc = StageProcess(
+                name, popen, "", log_path, dict(env), config, index=index, group=tuple(group), ready=ready
+            )
+            procs.append(self._place(proc))
         return procs
 
     def wait_ready(self, proc: StageProcess, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        if proc.group and proc.index:  # a further replica of a group: its own folder, the stage's own name
-            ready = self.run_dir / ("+".join(proc.group) + f"-{proc.index}") / f"{proc.name}.ready"
-        else:
-            ready = self.run_dir / f"{proc.key}.ready"
-        info = wait_ready_file(proc.key, proc.popen, ready, proc.log_path, timeout_s)
+        assert proc.ready is not None, "a process this mesh started"
+        info = wait_ready_file(proc.key, proc.popen, proc.ready, proc.log_path, timeout_s)
         proc.address = info["address"]
         proc.metrics_address = info.get("metrics_address", "")
         proc.health_address = info.get("health_address", "")
