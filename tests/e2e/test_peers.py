@@ -75,13 +75,12 @@ def test_grpcurl_sees_the_shed_stage_in_trailers(mesh: Mesh) -> None:
     assert "orchestrator-stage: stream" in done.stdout
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists():
+def _node(package: str, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one of the Node clients (it needs ``package`` installed) against the mesh; it must succeed."""
+    if not (NODE_DIR / "node_modules" / package).exists():
         pytest.fail("Node dependencies missing: run 'make node-deps' (make test does)")
-    user_input = "How do Node clients read server streams?"
     done = subprocess.run(
-        ["node", str(NODE_DIR / "submit.js"), mesh.entry, "node", "24", user_input],
+        ["node", str(NODE_DIR / script), *args],
         env={**os.environ, **SECURITY.node_env()},
         capture_output=True,
         text=True,
@@ -89,6 +88,13 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
+    user_input = "How do Node clients read server streams?"
+    done = _node("@grpc/grpc-js", "submit.js", mesh.entry, "node", "24", user_input)
     chunks = [json.loads(line) for line in done.stdout.splitlines()]
     assert [c["sequence"] for c in chunks] == list(range(len(chunks)))
     final = chunks[-1]["completion"]
@@ -105,17 +111,7 @@ def test_node_client_reads_a_full_stream(mesh: Mesh) -> None:
 def test_node_client_discovers_the_mesh_through_reflection_and_calls_it(mesh: Mesh, version: str) -> None:
     """A Node client with no .proto files: it lists the services and fetches the edge's descriptors through
     reflection (grpc.reflection.v1, which current tools try first, and v1alpha), then streams a completion."""
-    if not (NODE_DIR / "node_modules" / "grpc-js-reflection-client").exists():
-        pytest.fail("Node dependencies missing: run 'make node-deps' (make test does)")
-    done = subprocess.run(
-        ["node", str(NODE_DIR / "reflect.js"), mesh.entry, version],
-        env={**os.environ, **SECURITY.node_env()},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _node("grpc-js-reflection-client", "reflect.js", mesh.entry, version)
     found = json.loads(done.stdout)
     assert {"orchestrator.v1.StreamService", "grpc.reflection.v1.ServerReflection", "grpc.health.v1.Health"} <= set(
         found["services"]
