@@ -346,8 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="walk the mesh from this edge address (repeatable; default: the configured one): every replica it reaches",
     )
     from orchestrator.dlq_cli import add_parser as add_dlq
+    from orchestrator.index_cli import add_parser as add_index
 
     add_dlq(sub)
+    add_index(sub)
     p = sub.add_parser("keys", help="add, revoke or list API keys in a keys file (auth.keys_file)")
     p.add_argument("action", choices=("add", "revoke", "list"))
     p.add_argument("file", help="the keys file (created owner-only)")
@@ -379,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": lambda: _config(args),
         "status": lambda: _status(args),
         "dlq": lambda: _dlq(args),
+        "index": lambda: _index(args, parser),
         "keys": lambda: _keys(args) if args.action == "list" or args.tenant else _needs_tenant(parser, args),
         "health": lambda: _health(args.address, args.timeout, args.config),
         "stage": lambda: _stage(args, parser),
@@ -399,6 +402,12 @@ def _dlq(args: argparse.Namespace) -> int:
 
     cfg = _load(_config_path(args.config))
     return 1 if cfg is None else run(args, cfg)
+
+
+def _index(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from orchestrator.index_cli import run
+
+    return run(args, parser)
 
 
 def _needs_tenant(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

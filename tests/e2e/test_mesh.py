@@ -15,7 +15,7 @@ from orchestrator.core.config import load_config
 from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
 from orchestrator.pipeline.assemble import render_prompt
-from orchestrator.pipeline.rag import Bm25Index, load_documents
+from orchestrator.pipeline.rag import build_retriever
 from orchestrator.stages.local import LocalPipeline
 from orchestrator.v1 import admin_pb2, types_pb2
 from orchestrator.workers.echo import echo_tokens
@@ -30,8 +30,8 @@ LONG_INPUT = "tell me about backpressure and bounded queues " * 60  # ~400 echo 
 def expected_text(user_input: str, max_tokens: int) -> str:
     """What Echo + Post produce for ``user_input`` with the default config, computed independently."""
     cfg = load_config(env={})
-    hits = Bm25Index(load_documents()).search(user_input, cfg.rag.top_k)
-    docs = [types_pb2.Document(id=d.id, title=d.title, text=d.text, score=s) for d, s in hits]
+    hits = build_retriever(cfg.rag).search(user_input, cfg.rag.top_k)
+    docs = [types_pb2.Document(id=h.doc.id, title=h.doc.title, text=h.doc.text, score=h.score) for h in hits]
     prompt, _ = render_prompt(user_input, docs, cfg.assemble.max_prompt_chars)
     return "".join(echo_tokens(prompt)[:max_tokens])
 

@@ -1,4 +1,4 @@
-"""RAG retrieval (BM25) and prompt assembly."""
+"""BM25 retrieval and prompt assembly."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import pytest
 
 from orchestrator.core.errors import InvalidRequest
 from orchestrator.pipeline.assemble import render_prompt
-from orchestrator.pipeline.rag import Bm25Index, Doc, load_documents
+from orchestrator.retrieval.bm25 import Bm25Index
+from orchestrator.retrieval.corpus import BadDocuments, Doc, read_documents
 from orchestrator.v1 import types_pb2
+
+
+def load_documents() -> list[Doc]:
+    return read_documents()[0]
 
 
 def test_bundled_corpus_loads() -> None:
@@ -17,9 +22,10 @@ def test_bundled_corpus_loads() -> None:
 
 
 def test_bm25_ranks_the_relevant_document_first() -> None:
-    index = Bm25Index(load_documents())
-    assert index.search("How does BM25 rank documents?", 3)[0][0].id == "bm25"
-    assert index.search("what happens when the deadline passes", 3)[0][0].id == "grpc-deadlines"
+    docs = load_documents()
+    index = Bm25Index(docs)
+    assert docs[index.search("How does BM25 rank documents?", 3)[0][0]].id == "bm25"
+    assert docs[index.search("what happens when the deadline passes", 3)[0][0]].id == "grpc-deadlines"
     assert index.search("zzz qqq", 3) == []
     assert index.search("bm25", 0) == []
 
@@ -32,16 +38,16 @@ def test_bm25_prefers_rarer_terms_and_shorter_documents() -> None:
         Doc("other", "", "queue"),
         Doc("more", "", "queue again"),
     ]
-    hits = Bm25Index(docs).search("queue shedding", 5)
-    assert hits[0][0].id == "rare"
-    assert [d.id for d, _ in hits].index("rare") < [d.id for d, _ in hits].index("long")
+    ranked = [docs[row].id for row, _ in Bm25Index(docs).search("queue shedding", 5)]
+    assert ranked[0] == "rare"
+    assert ranked.index("rare") < ranked.index("long")
 
 
 def test_bad_corpus_line_is_reported(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "docs.jsonl"
     path.write_text('{"id": "a", "text": "ok"}\n{"title": "no id"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        load_documents(str(path))
+    with pytest.raises(BadDocuments, match="line 2: missing field"):
+        read_documents(str(path))
 
 
 def doc(i: str, score: float, text: str = "text") -> types_pb2.Document:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/types.proto\x12\x0forchestrator.v1\"\x17\n\tSessionId\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\"\xf7\x01\n\rPromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x1a.orchestrator.v1.SessionId\x12\r\n\x05input\x18\x03 \x01(\t\x12\x36\n\x04meta\x18\x04 \x03(\x0b\x32(.orchestrator.v1.PromptRequest.MetaEntry\x12\x31\n\x06params\x18\x05 \x01(\x0b\x32!.orchestrator.v1.GenerationParams\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"T\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa7\x01\n\nCompletion\x12\x34\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1d.orchestrator.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.orchestrator.v1.Usage\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\x12\r\n\x05model\x18\x04 \x01(\t\"h\n\tRagOutput\x12,\n\tdocuments\x18\x01 \x03(\x0b\x32\x19.orchestrator.v1.Document\x12-\n\x07timings\x18\x02 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"e\n\x0e\x41ssembleOutput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"e\n\x0eInferenceStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"\x91\x01\n\x0fInferenceOutput\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12/\n\ncompletion\x18\x03 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\x12.\n\x05start\x18\x04 \x01(\x0b\x32\x1f.orchestrator.v1.InferenceStart\"[\n\nPostOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12/\n\ncompletion\x18\x03 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\"\x84\x01\n\x0bStreamChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\ncompletion\x18\x04 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\x12\x10\n\x08trace_id\x18\x05 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_END\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/types.proto\x12\x0forchestrator.v1\"\x17\n\tSessionId\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\"\xf7\x01\n\rPromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x1a.orchestrator.v1.SessionId\x12\r\n\x05input\x18\x03 \x01(\t\x12\x36\n\x04meta\x18\x04 \x03(\x0b\x32(.orchestrator.v1.PromptRequest.MetaEntry\x12\x31\n\x06params\x18\x05 \x01(\x0b\x32!.orchestrator.v1.GenerationParams\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x17\n\nbm25_score\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65nse_score\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06source\x18\x07 \x01(\tB\r\n\x0b_bm25_scoreB\x0e\n\x0c_dense_score\"T\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa7\x01\n\nCompletion\x12\x34\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1d.orchestrator.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.orchestrator.v1.Usage\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\x12\r\n\x05model\x18\x04 \x01(\t\"h\n\tRagOutput\x12,\n\tdocuments\x18\x01 \x03(\x0b\x32\x19.orchestrator.v1.Document\x12-\n\x07timings\x18\x02 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"e\n\x0e\x41ssembleOutput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"e\n\x0eInferenceStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12-\n\x07timings\x18\x03 \x03(\x0b\x32\x1c.orchestrator.v1.StageTiming\"\x91\x01\n\x0fInferenceOutput\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12/\n\ncompletion\x18\x03 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\x12.\n\x05start\x18\x04 \x01(\x0b\x32\x1f.orchestrator.v1.InferenceStart\"[\n\nPostOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12/\n\ncompletion\x18\x03 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\"\x84\x01\n\x0bStreamChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\ncompletion\x18\x04 \x01(\x0b\x32\x1b.orchestrator.v1.Completion\x12\x10\n\x08trace_id\x18\x05 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_END\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROMPTREQUEST_METAENTRY']._loaded_options = None
   _globals['_PROMPTREQUEST_METAENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1469
-  _globals['_FINISHREASON']._serialized_end=1587
+  _globals['_FINISHREASON']._serialized_start=1568
+  _globals['_FINISHREASON']._serialized_end=1686
   _globals['_SESSIONID']._serialized_start=48
   _globals['_SESSIONID']._serialized_end=71
   _globals['_GENERATIONPARAMS']._serialized_start=73
@@ -43,24 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPTREQUEST']._serialized_end=396
   _globals['_PROMPTREQUEST_METAENTRY']._serialized_start=353
   _globals['_PROMPTREQUEST_METAENTRY']._serialized_end=396
-  _globals['_DOCUMENT']._serialized_start=398
-  _globals['_DOCUMENT']._serialized_end=464
-  _globals['_STAGETIMING']._serialized_start=466
-  _globals['_STAGETIMING']._serialized_end=550
-  _globals['_USAGE']._serialized_start=552
-  _globals['_USAGE']._serialized_end=609
-  _globals['_COMPLETION']._serialized_start=612
-  _globals['_COMPLETION']._serialized_end=779
-  _globals['_RAGOUTPUT']._serialized_start=781
-  _globals['_RAGOUTPUT']._serialized_end=885
-  _globals['_ASSEMBLEOUTPUT']._serialized_start=887
-  _globals['_ASSEMBLEOUTPUT']._serialized_end=988
-  _globals['_INFERENCESTART']._serialized_start=990
-  _globals['_INFERENCESTART']._serialized_end=1091
-  _globals['_INFERENCEOUTPUT']._serialized_start=1094
-  _globals['_INFERENCEOUTPUT']._serialized_end=1239
-  _globals['_POSTOUTPUT']._serialized_start=1241
-  _globals['_POSTOUTPUT']._serialized_end=1332
-  _globals['_STREAMCHUNK']._serialized_start=1335
-  _globals['_STREAMCHUNK']._serialized_end=1467
+  _globals['_DOCUMENT']._serialized_start=399
+  _globals['_DOCUMENT']._serialized_end=563
+  _globals['_STAGETIMING']._serialized_start=565
+  _globals['_STAGETIMING']._serialized_end=649
+  _globals['_USAGE']._serialized_start=651
+  _globals['_USAGE']._serialized_end=708
+  _globals['_COMPLETION']._serialized_start=711
+  _globals['_COMPLETION']._serialized_end=878
+  _globals['_RAGOUTPUT']._serialized_start=880
+  _globals['_RAGOUTPUT']._serialized_end=984
+  _globals['_ASSEMBLEOUTPUT']._serialized_start=986
+  _globals['_ASSEMBLEOUTPUT']._serialized_end=1087
+  _globals['_INFERENCESTART']._serialized_start=1089
+  _globals['_INFERENCESTART']._serialized_end=1190
+  _globals['_INFERENCEOUTPUT']._serialized_start=1193
+  _globals['_INFERENCEOUTPUT']._serialized_end=1338
+  _globals['_POSTOUTPUT']._serialized_start=1340
+  _globals['_POSTOUTPUT']._serialized_end=1431
+  _globals['_STREAMCHUNK']._serialized_start=1434
+  _globals['_STREAMCHUNK']._serialized_end=1566
 # @@protoc_insertion_point(module_scope)

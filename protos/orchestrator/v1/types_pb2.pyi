@@ -56,16 +56,22 @@ class PromptRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., session: _Optional[_Union[SessionId, _Mapping]] = ..., input: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ...) -> None: ...
 
 class Document(_message.Message):
-    __slots__ = ("id", "title", "text", "score")
+    __slots__ = ("id", "title", "text", "score", "bm25_score", "dense_score", "source")
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    BM25_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     text: str
     score: float
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    bm25_score: float
+    dense_score: float
+    source: str
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., bm25_score: _Optional[float] = ..., dense_score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "queue_ms", "duration_ms", "replica")

@@ -22,6 +22,7 @@ CONFIG_ENV = "ORCH_CONFIG"
 # client may start a stage too.
 CLIENT_ENV = frozenset({"ORCH_TARGET", "ORCH_TOKEN"})
 DEFAULT_PROMPT_TEMPLATE = "Answer the question from the context.\nContext:\n{context}\nQuestion: {input}\nAnswer:"
+RAG_MODES = ("bm25", "dense", "hybrid")
 # What the prompt template gets as its context when no document fits.
 NO_CONTEXT = "(none)"
 # What a stage link adds around one request in a call frame (ids, deadline, trace context), with room to spare.
@@ -119,17 +120,37 @@ class RagConfig(StageConfig):
     queue_capacity: int = _queue_capacity(512)
     concurrency: int = _f(32, "requests processed at once")
     top_k: int = _f(3, "documents retrieved per request")
-    documents: str = _f("", "JSON Lines corpus (id, title, text); empty: the bundled one")
+    mode: str = _f("hybrid", "bm25, dense or hybrid (BM25 and vector search fused by reciprocal rank)")
+    index: str = _f("", "index directory built by `orchestrator index build`; empty: documents embedded at start")
+    documents: str = _f("", "JSON Lines corpus (id, title, text) when there is no index; empty: the bundled one")
+    candidates: int = _f(50, "documents each retriever proposes to the fusion (hybrid)")
+    embedding_model: str = _f("", "ONNX sentence encoder; empty: the bundled all-MiniLM-L6-v2 (int8)")
+    embedding_tokenizer: str = _f("", "tokenizer.json of embedding_model (set both or neither)")
+    embedding_threads: int = _f(1, "threads one query embedding may use")
     simulated_delay_ms: float = _f(0.0, "extra delay per retrieval, for benchmarks")
 
     def problems(self, name: str) -> list[str]:
         out = super().problems(name)
         if self.top_k < 0:
             out.append(f"{name}.top_k must be >= 0, got {self.top_k}")
+        if self.mode not in RAG_MODES:
+            out.append(f"{name}.mode must be one of {', '.join(RAG_MODES)}, got {self.mode!r}")
+        if self.candidates < 1 or self.embedding_threads < 1:
+            out.append(f"{name}.candidates and {name}.embedding_threads must be >= 1")
         if self.simulated_delay_ms < 0:
             out.append(f"{name}.simulated_delay_ms must be >= 0")
         if self.documents and not Path(self.documents).is_file():
             out.append(f"{name}.documents: no such file {self.documents!r}")
+        if self.index and self.documents:
+            out.append(f"{name}.index and {name}.documents: set one (an index holds its documents)")
+        if self.index and not Path(self.index).is_dir():
+            out.append(f"{name}.index: no such directory {self.index!r} (build one with `orchestrator index build`)")
+        if bool(self.embedding_model) != bool(self.embedding_tokenizer):
+            out.append(f"{name}.embedding_model and {name}.embedding_tokenizer: set both or neither")
+        for what in ("embedding_model", "embedding_tokenizer"):
+            path = getattr(self, what)
+            if path and not Path(path).is_file():
+                out.append(f"{name}.{what}: no such file {path!r}")
         return out
 
 

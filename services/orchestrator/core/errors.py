@@ -21,12 +21,18 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RateLimited",
+    "StartupError",
     "Unauthenticated",
     "WireStatus",
     "decode_status",  # the wire convention itself lives with the protocol (orchestrator.v1.status)
     "from_rpc_error",
     "to_status",
 ]
+
+
+class StartupError(Exception):
+    """A process cannot start with its configuration and data (a bad index, a bad corpus): the message is for the
+    operator, and the process exits with it instead of a traceback."""
 
 
 class OrchestratorError(Exception):

@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 
 from orchestrator.core.calls import Handler
 from orchestrator.core.config import ConfigError, MeshConfig, is_loopback, load_config
-from orchestrator.core.errors import OrchestratorError, PermissionDenied, WireStatus, to_status
+from orchestrator.core.errors import OrchestratorError, PermissionDenied, StartupError, WireStatus, to_status
 from orchestrator.core.graph import STAGES
 from orchestrator.core.telemetry import Telemetry, build_telemetry
 from orchestrator.runtime.colocated import colocating
@@ -500,7 +500,7 @@ def run_stage_main(
     configure_logging(cfg.server.log_level, name)
     try:
         run_loop(serve(name, build, cfg, args.ready_file, args.config), cfg.server.uvloop)
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         log.error("%s", exc)
         return 1
     return 0

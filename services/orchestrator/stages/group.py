@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.core.errors import StartupError
 from orchestrator.core.graph import STAGES
 from orchestrator.runtime.server import configure_logging, load_config_or_report, run_loop, serve_stages
 from orchestrator.stages import module
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run_loop(serve_stages(builds, cfg, ready, args.config), cfg.server.uvloop)
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         print(f"{args.group}: {exc}", file=sys.stderr)
         return 1
     return 0

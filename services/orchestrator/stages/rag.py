@@ -1,4 +1,4 @@
-"""RAG stage service: BM25 retrieval."""
+"""RAG stage service: BM25, dense or hybrid retrieval."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from orchestrator.core.calls import CallContext
 from orchestrator.core.config import MeshConfig
 from orchestrator.core.telemetry import Telemetry
 from orchestrator.pipeline import rag
+from orchestrator.retrieval.search import Retriever
 from orchestrator.runtime.server import StageApp, run_stage_main
 from orchestrator.runtime.stage import StageRuntime
 from orchestrator.stages import app_of, runtime_of
@@ -19,22 +20,22 @@ NAME = "rag"
 
 
 class RagServicer(stages_pb2_grpc.RagServiceServicer):
-    def __init__(self, runtime: StageRuntime, index: rag.Bm25Index, top_k: int, delay_s: float) -> None:
-        self._rt, self._index, self._top_k, self._delay_s = runtime, index, top_k, delay_s
+    def __init__(self, runtime: StageRuntime, retriever: Retriever, top_k: int, delay_s: float) -> None:
+        self._rt, self._retriever, self._top_k, self._delay_s = runtime, retriever, top_k, delay_s
 
     async def Retrieve(
         self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.RagOutput]:
-        body = partial(rag.retrieve, request, self._index, self._top_k, self._delay_s)
+        body = partial(rag.retrieve, request, self._retriever, self._top_k, self._delay_s)
         async for out in self._rt.serve(request, context, body):
             yield out
 
 
 def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.rag
-    index = rag.Bm25Index(rag.load_documents(c.documents))  # warm-up: the index exists before SERVING
+    retriever = rag.build_retriever(c)  # warm-up: the index and the model are loaded before SERVING
     runtime = runtime_of(NAME, cfg, telemetry)
-    return app_of(NAME, cfg, runtime, RagServicer(runtime, index, c.top_k, c.simulated_delay_ms / 1000))
+    return app_of(NAME, cfg, runtime, RagServicer(runtime, retriever, c.top_k, c.simulated_delay_ms / 1000))
 
 
 def main() -> int:
