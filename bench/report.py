@@ -54,7 +54,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| {_fmt(row['mesh_over_hop'])} | {_fmt(row['mesh_over_chain'])} |"
             )
     lines += _overload_table(results["runs"])
-    lines += _notes(extra) + _memory_notes(extra)
+    lines += _notes(extra) + _retrieval_notes(extra) + _memory_notes(extra)
     lines += [
         "",
         "## Runs",
@@ -165,6 +165,23 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _retrieval_notes(extra: dict[str, Any]) -> list[str]:
+    if "retrieval" not in extra:
+        return []
+    r = extra["retrieval"]
+    modes = "; ".join(
+        f"{m} {v['recall_at_3']} (in process p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms)" for m, v in r["modes"].items()
+    )
+    st = r["stage"]
+    return [
+        "",
+        f"Retrieval over {r['documents']:,} WordNet senses, {r['queries']:,} labeled queries: recall@3 {modes}. "
+        f"Through the RAG stage (hybrid, C=1): its own time p50 {st['stage_p50_ms']} ms, p99 {st['stage_p99_ms']} "
+        f"ms; round trip p50 {st['round_trip_p50_ms']} ms, p99 {st['round_trip_p99_ms']} ms. Indexing: "
+        f"{r['index_docs_per_s']} documents/s.",
+    ]
 
 
 def _notes(extra: dict[str, Any]) -> list[str]:

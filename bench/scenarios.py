@@ -19,7 +19,8 @@ from typing import Any
 
 import grpc
 
-from bench.measure import measure, measure_in_turns, pct, ratio, rss
+from bench.measure import measure, measure_in_turns, ms, pct, ratio, rss
+from bench.retrieval import labeled_set
 from bench.targets import (
     BARE_CHAIN,
     BENCH_INPUT,
@@ -35,8 +36,12 @@ from bench.targets import (
     start_shed_floor,
 )
 from orchestrator.core.graph import STAGES
+from orchestrator.retrieval import index
+from orchestrator.retrieval.embeddings import OnnxEmbedder, load_embedder
+from orchestrator.retrieval.index import VectorIndex
+from orchestrator.retrieval.search import MODES, Retriever
 from orchestrator.runtime.tenants import key_line, new_key
-from orchestrator.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc, stages_pb2_grpc
 from orchestrator_client import build_request, tls_credentials
 
 
@@ -659,6 +664,90 @@ async def scenario_deadletters(ctx: Context) -> None:
     )
 
 
+# The retrieval scenario's corpus and query set (WordNet, see bench/retrieval.py).
+RETRIEVAL_DOCS, RETRIEVAL_QUERIES = 10_000, 1_000
+
+
+def _search_quality(vectors: VectorIndex, embedder: OnnxEmbedder, queries: list[tuple[str, str]]) -> dict[str, Any]:
+    """Recall@3 and in-process latency of every mode over the same index and queries."""
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        retriever = Retriever(vectors.docs, mode, vectors, embedder)
+        found, took = 0, []
+        for query, relevant in queries:
+            t0 = time.perf_counter()
+            hits = retriever.search(query, 3)
+            took.append(time.perf_counter() - t0)
+            found += relevant in {h.doc.id for h in hits}
+        out[mode] = {
+            "recall_at_3": round(found / len(queries), 4),
+            "p50_ms": ms(pct(took, 50)),
+            "p99_ms": ms(pct(took, 99)),
+        }
+    return out
+
+
+async def _through_the_stage(address: str, queries: list[tuple[str, str]]) -> dict[str, Any]:
+    """Each query once through the RAG stage's Retrieve, one at a time: the stage's own duration and the round trip."""
+    own, trip = [], []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = stages_pb2_grpc.RagServiceStub(channel)
+        for n, (query, _) in enumerate(queries):
+            t0 = time.perf_counter()
+            replies = [r async for r in stub.Retrieve(build_request(query, session=f"q{n}"), timeout=10)]
+            trip.append(time.perf_counter() - t0)
+            own.append(replies[-1].timings[-1].duration_ms / 1000)
+    return {
+        "stage_p50_ms": ms(pct(own, 50)),
+        "stage_p99_ms": ms(pct(own, 99)),
+        "round_trip_p50_ms": ms(pct(trip, 50)),
+        "round_trip_p99_ms": ms(pct(trip, 99)),
+    }
+
+
+async def scenario_retrieval(ctx: Context) -> None:
+    """Hybrid retrieval against BM25 and dense alone on a labeled WordNet set (recall@3), the RAG stage's latency on
+    a 10,000-document index beside the same search in process, and how fast the index is built."""
+    try:
+        labeled = await asyncio.to_thread(labeled_set, RETRIEVAL_DOCS, RETRIEVAL_QUERIES)
+    except FileNotFoundError as exc:
+        print(f"retrieval: skipped ({exc})", file=sys.stderr)
+        return
+    directory = ctx.run_dir / "wordnet-index"
+    t0 = time.perf_counter()  # as `orchestrator index build` does it: every core embeds
+    await asyncio.to_thread(index.build, directory, labeled.docs, load_embedder(threads=os.cpu_count() or 1))
+    build_s = time.perf_counter() - t0
+    embedder = load_embedder()  # as the RAG stage does it (rag.embedding_threads = 1)
+    vectors = index.open_index(directory, embedder)
+    modes = await asyncio.to_thread(_search_quality, vectors, embedder, labeled.queries)
+    name = "mesh, RAG over a 10,000-document index"
+    async with mesh_running(ctx.run_dir / "retrieval", {"ORCH_RAG_INDEX": str(directory)}, name) as mesh:
+        stage = await _through_the_stage(mesh.mesh.address("rag"), labeled.queries)
+    ctx.extra["retrieval"] = {
+        "documents": len(labeled.docs),
+        "queries": len(labeled.queries),
+        "index_docs_per_s": round(len(labeled.docs) / build_s, 1),
+        "modes": modes,
+        "stage": stage,
+    }
+    best_alone = max(modes["bm25"]["recall_at_3"], modes["dense"]["recall_at_3"])
+    ctx.target(
+        "retrieval_recall",
+        "recall@3, hybrid / the better of BM25 and dense alone (WordNet senses)",
+        ratio(modes["hybrid"]["recall_at_3"], best_alone),
+        1.0,
+        True,
+    )
+    for q, limit in ((50, 6.0), (99, 10.0)):
+        ctx.target(
+            f"retrieval_p{q}",
+            f"RAG stage latency p{q}, ms (hybrid, 10,000 documents, C=1)",
+            stage[f"stage_p{q}_ms"],
+            limit,
+            False,
+        )
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "latency": scenario_latency,
     "throughput": scenario_throughput,
@@ -673,6 +762,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "scaling": scenario_scaling,
     "layouts": scenario_layouts,
     "deadletters": scenario_deadletters,
+    "retrieval": scenario_retrieval,
 }
 
 

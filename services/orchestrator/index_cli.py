@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip bad documents (each reported) instead of refusing")
     p.add_argument("--model", default="", help="ONNX sentence encoder (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--tokenizer", default="", help="its tokenizer.json (with --model)")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="threads embedding documents (default: every core)"
+    )
     p.add_argument("--mode", choices=MODES, default="hybrid", help="search: retrieval mode (default: %(default)s)")
     p.add_argument("-k", type=int, default=3, help="search: documents to show (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="info, search: JSON")
@@ -91,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         m = index.read_manifest(args.paths[0])
         print(m.to_json() if args.json else _describe(args.paths[0], m))
         return 0
-    embedder = load_embedder(args.model, args.tokenizer)
+    embedder = load_embedder(args.model, args.tokenizer, max(1, args.threads))
     if args.action == "search":
         opened = index.open_index(args.paths[0], embedder)
         retriever = Retriever(opened.docs, args.mode, opened, embedder)

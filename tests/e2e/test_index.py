@@ -1,0 +1,130 @@
+"""A vector index of the user's documents, built by the CLI, served by the RAG stage through the mesh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launcher import Mesh
+from orchestrator.v1 import stages_pb2_grpc, types_pb2
+from orchestrator_client import build_request
+from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client
+
+pytestmark = pytest.mark.mesh
+
+DOCS = [
+    {
+        "id": "car",
+        "title": "Cars",
+        "text": "A motor vehicle with four wheels, propelled by an engine.",
+        "source": "v.md",
+    },
+    {"id": "cat", "title": "Cats", "text": "A small domesticated feline that purrs and hunts mice."},
+    {"id": "bread", "title": "Baking", "text": "Flour, water and yeast are kneaded into dough and baked."},
+    {"id": "tax", "title": "Taxes", "text": "Income tax returns are filed every April with the revenue service."},
+    {"id": "rain", "title": "Weather", "text": "Rain falls when water droplets in clouds grow heavy."},
+]
+MORE = [
+    {"id": "bike", "title": "Bicycles", "text": "A two-wheeled vehicle moved by pedals and a chain."},
+    {"id": "violin", "title": "Violins", "text": "A bowed string instrument with four strings tuned in fifths."},
+]
+QUERIES = ["automobile", "my kitten keeps chasing rodents", "how is a loaf made", "filing income tax", "stormy clouds"]
+
+
+def orchestrator(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "orchestrator"), *argv], capture_output=True, text=True, timeout=180, env=clean_env(), check=False
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]], extra: str = "") -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra)
+    return path
+
+
+def retrieve(address: str, text: str) -> list[types_pb2.Document]:
+    with mesh_channel(address) as channel:
+        stub = stages_pb2_grpc.RagServiceStub(channel)
+        replies = list(stub.Retrieve(build_request(text, session="index-test"), timeout=10))
+    return [d for r in replies for d in r.documents]
+
+
+def ranked(address: str) -> list[list[tuple[str, float]]]:
+    return [[(d.id, round(d.score, 6)) for d in retrieve(address, q)] for q in QUERIES]
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Path:
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"))
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "ix"
+
+
+def test_bad_documents_are_refused_or_skipped_by_line(tmp_path: Path) -> None:
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS[:2], '{"id": "empty", "text": ""}\n{broken\n')
+    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"))
+    assert done.returncode == 1
+    assert "line 3: empty text" in done.stderr and "line 4: invalid JSON" in done.stderr
+    assert not (tmp_path / "ix" / "manifest.json").exists()
+    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"), "--skip-bad")
+    assert done.returncode == 0, done.stderr
+    assert "line 3: empty text (skipped)" in done.stderr and "line 4: invalid JSON" in done.stderr
+    assert "built" in done.stdout and "2 documents" in done.stdout and "documents/s" in done.stdout
+    info = orchestrator("index", "info", str(tmp_path / "ix"), "--json")
+    assert json.loads(info.stdout)["documents"] == 2
+
+
+def test_an_index_serves_through_the_mesh_and_after_a_restart(
+    built: Path, tmp_path: Path, fresh_mesh: Callable[..., Mesh]
+) -> None:
+    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built))
+    docs = retrieve(mesh.address("rag"), "automobile")
+    assert docs[0].id == "car" and docs[0].source == "v.md"
+    assert docs[0].HasField("dense_score") and docs[0].dense_score > 0.3
+    assert not docs[0].HasField("bm25_score")  # no term in common: found by meaning alone
+    before = ranked(mesh.address("rag"))
+    assert [r[0][0] for r in before] == ["car", "cat", "bread", "tax", "rain"]
+    # Through the edge: the retrieved document is the answer's context (the echo worker repeats the prompt).
+    with mesh_sync_client(mesh.entry) as client:
+        answer = "".join(c.text for c in client.submit("automobile", session="s", max_tokens=12))
+    assert "[car]" in answer
+
+    mesh.kill("rag")
+    mesh.restart("rag")
+    assert ranked(mesh.address("rag")) == before
+
+    # Documents added later are served once the stage has reopened the index.
+    more = write_jsonl(tmp_path / "more.jsonl", [*MORE, DOCS[0]])
+    done = orchestrator("index", "add", str(built), str(more))
+    assert done.returncode == 1 and "'car' is in the index already" in done.stderr
+    done = orchestrator("index", "add", str(built), str(more), "--skip-bad")
+    assert done.returncode == 0 and "now 7, generation 2" in done.stdout, done.stderr
+    mesh.kill("rag")
+    mesh.restart("rag")
+    assert retrieve(mesh.address("rag"), "pedalling to work")[0].id == "bike"
+
+
+def test_two_rag_replicas_reading_one_index_agree(built: Path, fresh_mesh: Callable[..., Mesh]) -> None:
+    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built), ORCH_RAG_REPLICAS="2")
+    first, second = mesh.addresses("rag")
+    assert first != second
+    assert ranked(first) == ranked(second)
+
+
+@pytest.mark.parametrize("tamper", ["fingerprint", "version"])
+def test_a_mismatched_index_stops_the_stage_with_a_reason(built: Path, tmp_path: Path, tamper: str) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest[tamper] = "0" * 32 if tamper == "fingerprint" else 2
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    env = mesh_env(ORCH_RAG_INDEX=str(built))
+    done = subprocess.run(
+        [str(BIN / "orchestrator"), "stage", "rag"], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert done.returncode == 1
+    expected = "was built with embedding model" if tamper == "fingerprint" else "format version 2"
+    assert expected in done.stderr and "Traceback" not in done.stderr
