@@ -721,7 +721,8 @@ async def scenario_retrieval(ctx: Context) -> None:
     vectors = index.open_index(directory, embedder)
     modes = await asyncio.to_thread(_search_quality, vectors, embedder, labeled.queries)
     name = "mesh, RAG over a 10,000-document index"
-    async with mesh_running(ctx.run_dir / "retrieval", {"ORCH_RAG_INDEX": str(directory)}, name) as mesh:
+    env = {"ORCH_RAG_INDEX": str(directory), "ORCH_RAG_MODE": "hybrid"}
+    async with mesh_running(ctx.run_dir / "retrieval", env, name) as mesh:
         stage = await _through_the_stage(mesh.mesh.address("rag"), labeled.queries)
     ctx.extra["retrieval"] = {
         "documents": len(labeled.docs),

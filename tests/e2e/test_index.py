@@ -7,10 +7,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from orchestrator.launcher import Mesh
-from orchestrator.v1 import stages_pb2_grpc, types_pb2
+from orchestrator.v1 import admin_pb2, admin_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import build_request
 from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client
 
@@ -79,9 +80,7 @@ def test_bad_documents_are_refused_or_skipped_by_line(tmp_path: Path) -> None:
     assert json.loads(info.stdout)["documents"] == 2
 
 
-def test_an_index_serves_through_the_mesh_and_after_a_restart(
-    built: Path, tmp_path: Path, fresh_mesh: Callable[..., Mesh]
-) -> None:
+def test_an_index_serves_through_the_mesh_and_after_a_restart(built: Path, fresh_mesh: Callable[..., Mesh]) -> None:
     mesh = fresh_mesh(ORCH_RAG_INDEX=str(built))
     docs = retrieve(mesh.address("rag"), "automobile")
     assert docs[0].id == "car" and docs[0].source == "v.md"
@@ -98,15 +97,34 @@ def test_an_index_serves_through_the_mesh_and_after_a_restart(
     mesh.restart("rag")
     assert ranked(mesh.address("rag")) == before
 
-    # Documents added later are served once the stage has reopened the index.
+
+def reload(address: str) -> str:
+    with mesh_channel(address) as channel:
+        reply = admin_pb2_grpc.AdminServiceStub(channel).Reload(admin_pb2.ReloadRequest(), timeout=30)
+    return str(reply.worker)
+
+
+def test_added_documents_are_served_after_a_reload_and_a_bad_index_is_refused(
+    built: Path, tmp_path: Path, fresh_mesh: Callable[..., Mesh]
+) -> None:
+    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built))
+    rag = mesh.address("rag")
     more = write_jsonl(tmp_path / "more.jsonl", [*MORE, DOCS[0]])
     done = orchestrator("index", "add", str(built), str(more))
     assert done.returncode == 1 and "'car' is in the index already" in done.stderr
     done = orchestrator("index", "add", str(built), str(more), "--skip-bad")
     assert done.returncode == 0 and "now 7, generation 2" in done.stdout, done.stderr
-    mesh.kill("rag")
-    mesh.restart("rag")
-    assert retrieve(mesh.address("rag"), "pedalling to work")[0].id == "bike"
+    assert retrieve(rag, "pedalling to work")[0].id != "bike"  # the stage still serves generation 1
+    assert reload(rag) == f"hybrid over index {built} generation 2 (7 documents)"
+    assert retrieve(rag, "pedalling to work")[0].id == "bike"
+    # An index the stage cannot read is refused; the stage keeps serving the one it has.
+    served = ranked(rag)
+    (built / "manifest.json").write_text("{}")
+    with pytest.raises(grpc.RpcError) as refused:
+        reload(rag)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not a prompt-orchestrator-index directory" in str(refused.value.details())
+    assert ranked(rag) == served
 
 
 def test_two_rag_replicas_reading_one_index_agree(built: Path, fresh_mesh: Callable[..., Mesh]) -> None:

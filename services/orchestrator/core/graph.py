@@ -45,7 +45,7 @@ class Stage:
 
 
 GRAPH: tuple[Stage, ...] = (
-    Stage("rag", "RagService", "Retrieve", "BM25 retrieval over a corpus", "RETRIEVER"),
+    Stage("rag", "RagService", "Retrieve", "BM25, dense or hybrid retrieval over an index", "RETRIEVER"),
     Stage("assemble", "AssembleService", "Assemble", "the prompt template within a size limit"),
     Stage("inference", "InferenceService", "Infer", "the model worker's tokens, coalesced", "LLM"),
     Stage("post", "PostService", "Process", "stop sequences and max_tokens"),

@@ -21,24 +21,22 @@ log = logging.getLogger(__name__)
 def build_retriever(cfg: RagConfig) -> Retriever:
     """The retriever the configuration names, loaded and checked (an index built with another model is refused)."""
     mode = cast(Mode, cfg.mode)
+    corpus = cfg.documents or "the bundled corpus"
     if mode == "bm25" and not cfg.index:
-        return Retriever(read_documents(cfg.documents)[0], mode)
+        docs = read_documents(cfg.documents)[0]
+        return Retriever(docs, mode, name=f"bm25 over {corpus} ({len(docs)} documents)")
     embedder = load_embedder(cfg.embedding_model, cfg.embedding_tokenizer, cfg.embedding_threads)
     if cfg.index:
         vectors = open_index(cfg.index, embedder)
-        log.info(
-            "index %s: %d documents, generation %d, model %s",
-            cfg.index,
-            len(vectors.docs),
-            vectors.manifest.generation,
-            vectors.manifest.model,
-        )
+        name = f"{mode} over index {cfg.index} generation {vectors.manifest.generation} ({len(vectors.docs)} documents)"
     else:
         docs = read_documents(cfg.documents)[0]
         if len(docs) > 1000:
             log.warning("embedding %d documents at start: `orchestrator index build` does it once", len(docs))
         vectors = in_memory(docs, embedder)
-    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates)
+        name = f"{mode} over {corpus} ({len(docs)} documents)"
+    log.info("retrieval: %s, model %s", name, embedder.name)
+    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name)
 
 
 def _document(hit: Hit) -> types_pb2.Document:

@@ -50,12 +50,15 @@ class Retriever:
         vectors: VectorIndex | None = None,
         embedder: Embedder | None = None,
         candidates: int = 50,
+        name: str = "",
     ) -> None:
         if mode != "bm25" and (vectors is None or embedder is None):
             raise ValueError(f"rag.mode {mode} needs an embedding model and a vector index")
         self.docs, self.mode, self._vectors, self._embedder = list(docs), mode, vectors, embedder
         self._bm25 = Bm25Index(self.docs) if mode != "dense" else None
         self._candidates = candidates
+        # What serves the stage's requests, for operators (AdminService/Reload answers with it).
+        self.name = name or f"{mode} over {len(self.docs)} documents"
 
     def search(self, query: str, k: int) -> list[Hit]:
         if k <= 0:

@@ -72,7 +72,8 @@ class StageApp:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # What GetStatus reports of the stage's model worker, if it has one.
     worker_status: Callable[[], admin_pb2.WorkerStatus] | None = None
-    # Re-apply a freshly loaded config (the inference stage swaps its worker); None: nothing to reload.
+    # Re-apply a freshly loaded config (the inference stage swaps its worker, the RAG stage reopens its index);
+    # None: nothing to reload.
     reload: Callable[[MeshConfig], Awaitable[str]] | None = None
     readiness_listener: Callable[[bool], None] | None = None
 
@@ -130,7 +131,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return admin_pb2.ReloadResponse()  # not sent: the status is an error
         try:
             return admin_pb2.ReloadResponse(worker=await reload_app(self._app, load))
-        except ConfigError as exc:
+        except (ConfigError, StartupError) as exc:
             WireStatus(grpc.StatusCode.FAILED_PRECONDITION, str(exc)).set_on(context)
             return admin_pb2.ReloadResponse()
 
@@ -161,11 +162,12 @@ def _local(peer: str) -> bool:
 
 
 async def reload_app(app: StageApp, load: Callable[[], MeshConfig]) -> str:
-    """Load the config again (file and environment) and hand it to the stage; returns the worker now in use."""
+    """Load the config again (file and environment) and hand it to the stage; returns what now serves (the
+    inference stage's worker, the RAG stage's retriever)."""
     assert app.reload is not None
     cfg = load()
     worker = await app.reload(cfg)
-    log.info("stage=%s reloaded; worker %s", app.name, worker)
+    log.info("stage=%s reloaded; now %s", app.name, worker)
     return worker
 
 
@@ -210,8 +212,8 @@ class RunningStage:
         async def run() -> None:
             try:
                 await reload_app(self.app, load)
-            except ConfigError as exc:
-                log.error("stage=%s reload refused, keeping the current worker: %s", self.app.name, exc)
+            except (ConfigError, StartupError) as exc:
+                log.error("stage=%s reload refused, keeping what serves now: %s", self.app.name, exc)
 
         self._spawn(run())
 

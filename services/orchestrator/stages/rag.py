@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from functools import partial
@@ -21,12 +22,12 @@ NAME = "rag"
 
 class RagServicer(stages_pb2_grpc.RagServiceServicer):
     def __init__(self, runtime: StageRuntime, retriever: Retriever, top_k: int, delay_s: float) -> None:
-        self._rt, self._retriever, self._top_k, self._delay_s = runtime, retriever, top_k, delay_s
+        self._rt, self.retriever, self._top_k, self._delay_s = runtime, retriever, top_k, delay_s
 
     async def Retrieve(
         self, request: types_pb2.PromptRequest, context: CallContext
     ) -> AsyncIterator[types_pb2.RagOutput]:
-        body = partial(rag.retrieve, request, self._retriever, self._top_k, self._delay_s)
+        body = partial(rag.retrieve, request, self.retriever, self._top_k, self._delay_s)
         async for out in self._rt.serve(request, context, body):
             yield out
 
@@ -35,7 +36,15 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     c = cfg.rag
     retriever = rag.build_retriever(c)  # warm-up: the index and the model are loaded before SERVING
     runtime = runtime_of(NAME, cfg, telemetry)
-    return app_of(NAME, cfg, runtime, RagServicer(runtime, retriever, c.top_k, c.simulated_delay_ms / 1000))
+    servicer = RagServicer(runtime, retriever, c.top_k, c.simulated_delay_ms / 1000)
+
+    async def reload(config: MeshConfig) -> str:
+        # The index again (a generation `orchestrator index add` wrote), off the loop; requests under way finish
+        # with the retriever they started with. A bad index raises and the current retriever stays.
+        servicer.retriever = await asyncio.to_thread(rag.build_retriever, config.rag)
+        return servicer.retriever.name
+
+    return app_of(NAME, cfg, runtime, servicer, reload=reload)
 
 
 def main() -> int:
