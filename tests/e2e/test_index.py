@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import build_request
-from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client
+from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client, poll
 
 pytestmark = pytest.mark.mesh
 
@@ -52,6 +53,10 @@ def retrieve(address: str, text: str) -> list[types_pb2.Document]:
         stub = stages_pb2_grpc.RagServiceStub(channel)
         replies = list(stub.Retrieve(build_request(text, session="index-test"), timeout=10))
     return [d for r in replies for d in r.documents]
+
+
+def finds(address: str, text: str, doc_id: str) -> bool:
+    return retrieve(address, text)[0].id == doc_id
 
 
 def ranked(address: str) -> list[list[tuple[str, float]]]:
@@ -107,7 +112,7 @@ def reload(address: str) -> str:
 def test_added_documents_are_served_after_a_reload_and_a_bad_index_is_refused(
     built: Path, tmp_path: Path, fresh_mesh: Callable[..., Mesh]
 ) -> None:
-    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built))
+    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built), ORCH_RAG_INDEX_CHECK_S="0")  # told, not following
     rag = mesh.address("rag")
     more = write_jsonl(tmp_path / "more.jsonl", [*MORE, DOCS[0]])
     done = orchestrator("index", "add", str(built), str(more))
@@ -127,10 +132,18 @@ def test_added_documents_are_served_after_a_reload_and_a_bad_index_is_refused(
     assert ranked(rag) == served
 
 
-def test_two_rag_replicas_reading_one_index_agree(built: Path, fresh_mesh: Callable[..., Mesh]) -> None:
-    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built), ORCH_RAG_REPLICAS="2")
+def test_two_rag_replicas_reading_one_index_agree_and_follow_it(
+    built: Path, tmp_path: Path, fresh_mesh: Callable[..., Mesh]
+) -> None:
+    mesh = fresh_mesh(ORCH_RAG_INDEX=str(built), ORCH_RAG_REPLICAS="2", ORCH_RAG_INDEX_CHECK_S="0.2")
     first, second = mesh.addresses("rag")
     assert first != second
+    assert ranked(first) == ranked(second)
+    # A new generation reaches both replicas without a signal; then they agree on it too.
+    done = orchestrator("index", "add", str(built), str(write_jsonl(tmp_path / "more.jsonl", MORE)))
+    assert done.returncode == 0, done.stderr
+    for replica in (first, second):
+        poll(partial(finds, replica, "pedalling to work", "bike"), timeout_s=30, interval_s=0.2, what=replica)
     assert ranked(first) == ranked(second)
 
 

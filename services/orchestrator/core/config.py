@@ -122,6 +122,7 @@ class RagConfig(StageConfig):
     top_k: int = _f(3, "documents retrieved per request")
     mode: str = _f("hybrid", "bm25, dense or hybrid (BM25 and vector search fused by reciprocal rank)")
     index: str = _f("", "index directory built by `orchestrator index build`; empty: documents embedded at start")
+    index_check_s: float = _f(10.0, "seconds between checks for a new index generation (0: on SIGHUP/Reload only)")
     documents: str = _f("", "JSON Lines corpus (id, title, text) when there is no index; empty: the bundled one")
     candidates: int = _f(50, "documents each retriever proposes to the fusion (hybrid)")
     embedding_model: str = _f("", "ONNX sentence encoder; empty: the bundled all-MiniLM-L6-v2 (int8)")
@@ -135,6 +136,8 @@ class RagConfig(StageConfig):
             out.append(f"{name}.top_k must be >= 0, got {self.top_k}")
         if self.mode not in RAG_MODES:
             out.append(f"{name}.mode must be one of {', '.join(RAG_MODES)}, got {self.mode!r}")
+        if self.index_check_s < 0:
+            out.append(f"{name}.index_check_s must be >= 0")
         if self.candidates < 1 or self.embedding_threads < 1:
             out.append(f"{name}.candidates and {name}.embedding_threads must be >= 1")
         if self.simulated_delay_ms < 0:

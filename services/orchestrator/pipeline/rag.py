@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 from orchestrator.core.config import RagConfig
+from orchestrator.core.errors import StartupError
 from orchestrator.core.scope import Scope
 from orchestrator.retrieval.corpus import read_documents
 from orchestrator.retrieval.embeddings import load_embedder
-from orchestrator.retrieval.index import in_memory, open_index
+from orchestrator.retrieval.index import in_memory, open_index, read_manifest
 from orchestrator.retrieval.search import Hit, Mode, Retriever
 from orchestrator.v1 import types_pb2
 
@@ -36,7 +37,25 @@ def build_retriever(cfg: RagConfig) -> Retriever:
         vectors = in_memory(docs, embedder)
         name = f"{mode} over {corpus} ({len(docs)} documents)"
     log.info("retrieval: %s, model %s", name, embedder.name)
-    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name)
+    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name, vectors.manifest.generation)
+
+
+async def follow_index(cfg: RagConfig, current: Callable[[], Retriever], swap: Callable[[Retriever], None]) -> None:
+    """Reopen the index whenever a writer has published a new generation, checking every ``index_check_s``: every
+    replica reading a shared index directory follows it without being told. An index that cannot be read is
+    reported (once per reason) and the retriever in use keeps serving."""
+    reported = ""
+    while True:
+        await asyncio.sleep(cfg.index_check_s)
+        try:
+            if read_manifest(cfg.index).generation == current().generation:
+                continue
+            swap(await asyncio.to_thread(build_retriever, cfg))
+            reported = ""
+        except (StartupError, OSError) as exc:
+            if str(exc) != reported:
+                log.error("index %s: %s; still serving %s", cfg.index, exc, current().name)
+                reported = str(exc)
 
 
 def _document(hit: Hit) -> types_pb2.Document:

@@ -51,6 +51,7 @@ class Retriever:
         embedder: Embedder | None = None,
         candidates: int = 50,
         name: str = "",
+        generation: int = 0,
     ) -> None:
         if mode != "bm25" and (vectors is None or embedder is None):
             raise ValueError(f"rag.mode {mode} needs an embedding model and a vector index")
@@ -59,6 +60,8 @@ class Retriever:
         self._candidates = candidates
         # What serves the stage's requests, for operators (AdminService/Reload answers with it).
         self.name = name or f"{mode} over {len(self.docs)} documents"
+        # The index generation searched (0: documents embedded in this process, or none).
+        self.generation = generation
 
     def search(self, query: str, k: int) -> list[Hit]:
         if k <= 0:

@@ -44,7 +44,27 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
         servicer.retriever = await asyncio.to_thread(rag.build_retriever, config.rag)
         return servicer.retriever.name
 
-    return app_of(NAME, cfg, runtime, servicer, reload=reload)
+    def swap(retriever: Retriever) -> None:
+        servicer.retriever = retriever
+
+    closers = []
+    if c.index and c.index_check_s > 0 and _loop_running():
+        follower = asyncio.get_running_loop().create_task(rag.follow_index(c, lambda: servicer.retriever, swap))
+
+        async def stop_following() -> None:
+            follower.cancel()
+
+        closers.append(stop_following)
+    return app_of(NAME, cfg, runtime, servicer, reload=reload, closers=closers)
+
+
+def _loop_running() -> bool:
+    """Stage processes build on their loop; an in-process pipeline may be built before one runs."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def main() -> int:
