@@ -136,3 +136,45 @@ def test_an_index_of_another_model_or_format_is_refused(tmp_path: Path, embedder
         index.open_index(tmp_path, embedder)
     with pytest.raises(index.BadIndex, match="no such directory"):
         index.open_index(tmp_path / "missing", embedder)
+
+
+async def test_the_stage_follows_new_generations_and_keeps_serving_through_a_broken_one(
+    tmp_path: Path, embedder: OnnxEmbedder
+) -> None:
+    import asyncio
+    import logging
+
+    from orchestrator.core.config import RagConfig
+    from orchestrator.pipeline.rag import build_retriever, follow_index
+
+    out = tmp_path / "ix"
+    index.build(out, DOCS[:2], embedder)
+    cfg = RagConfig(index=str(out), index_check_s=0.01)
+    served = [build_retriever(cfg)]
+    swapped, reported = asyncio.Event(), asyncio.Event()
+    errors: list[str] = []
+
+    def swap(retriever: Retriever) -> None:
+        served.append(retriever)
+        swapped.set()
+
+    class Errors(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage())
+            reported.set()
+
+    handler = Errors(logging.ERROR)
+    logging.getLogger("orchestrator.pipeline.rag").addHandler(handler)
+    follower = asyncio.create_task(follow_index(cfg, lambda: served[-1], swap))
+    try:
+        index.add(out, DOCS[2:], embedder)
+        await asyncio.wait_for(swapped.wait(), 10)
+        assert (served[-1].generation, len(served[-1].docs)) == (2, 4)
+        (out / "manifest.json").write_text("{}")
+        await asyncio.wait_for(reported.wait(), 10)
+        await asyncio.sleep(0.1)  # ten more checks: reported once, nothing swapped
+        assert len(errors) == 1 and "not a prompt-orchestrator-index directory" in errors[0]
+        assert len(served) == 2
+    finally:
+        follower.cancel()
+        logging.getLogger("orchestrator.pipeline.rag").removeHandler(handler)
