@@ -179,8 +179,9 @@ def _retrieval_notes(extra: dict[str, Any]) -> list[str]:
         "",
         f"Retrieval over {r['documents']:,} WordNet senses, {r['queries']:,} labeled queries: recall@3 {modes}. "
         f"Through the RAG stage (hybrid, C=1): its own time p50 {st['stage_p50_ms']} ms, p99 {st['stage_p99_ms']} "
-        f"ms; round trip p50 {st['round_trip_p50_ms']} ms, p99 {st['round_trip_p99_ms']} ms. Indexing: "
-        f"{r['index_docs_per_s']} documents/s.",
+        f"ms; round trip p50 {st['round_trip_p50_ms']} ms, p99 {st['round_trip_p99_ms']} ms. With 32 callers: "
+        f"{st['batched_qps_c32']} queries/s with their embeddings batched, {st['unbatched_qps_c32']} one at a time. "
+        f"Indexing: {r['index_docs_per_s']} documents/s.",
     ]
 
 

@@ -708,6 +708,28 @@ async def _through_the_stage(address: str, queries: list[tuple[str, str]]) -> di
     }
 
 
+async def _queries_per_s(address: str, queries: list[tuple[str, str]], concurrency: int, duration_s: float) -> float:
+    """Queries a second through the RAG stage's Retrieve, ``concurrency`` callers in a closed loop."""
+    done = 0
+    deadline = time.perf_counter() + duration_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = stages_pb2_grpc.RagServiceStub(channel)
+
+        async def caller(start: int) -> None:
+            nonlocal done
+            n = start
+            while time.perf_counter() < deadline:
+                query = queries[n % len(queries)][0]
+                async for _ in stub.Retrieve(build_request(query, session=f"t{n}"), timeout=30):
+                    pass
+                done += 1
+                n += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
 async def scenario_retrieval(ctx: Context) -> None:
     """Hybrid retrieval against BM25 and dense alone on a labeled WordNet set (recall@3), the RAG stage's latency on
     a 10,000-document index beside the same search in process, and how fast the index is built."""
@@ -727,6 +749,11 @@ async def scenario_retrieval(ctx: Context) -> None:
     env = {"ORCH_RAG_INDEX": str(directory), "ORCH_RAG_MODE": "hybrid"}
     async with mesh_running(ctx.run_dir / "retrieval", env, name) as mesh:
         stage = await _through_the_stage(mesh.mesh.address("rag"), labeled.queries)
+        batched = await _queries_per_s(mesh.mesh.address("rag"), labeled.queries, 32, ctx.d(5))
+    env |= {"ORCH_RAG_EMBEDDING_BATCH": "1"}
+    async with mesh_running(ctx.run_dir / "retrieval-unbatched", env, name + ", one query a batch") as mesh:
+        alone = await _queries_per_s(mesh.mesh.address("rag"), labeled.queries, 32, ctx.d(5))
+    stage |= {"batched_qps_c32": round(batched, 1), "unbatched_qps_c32": round(alone, 1)}
     ctx.extra["retrieval"] = {
         "documents": len(labeled.docs),
         "queries": len(labeled.queries),

@@ -128,6 +128,7 @@ class RagConfig(StageConfig):
     embedding_model: str = _f("", "ONNX sentence encoder; empty: the bundled all-MiniLM-L6-v2 (int8)")
     embedding_tokenizer: str = _f("", "tokenizer.json of embedding_model (set both or neither)")
     embedding_threads: int = _f(1, "threads one query embedding may use")
+    embedding_batch: int = _f(32, "queries of concurrent requests embedded together, at most (1: one at a time)")
     simulated_delay_ms: float = _f(0.0, "extra delay per retrieval, for benchmarks")
 
     def problems(self, name: str) -> list[str]:
@@ -138,8 +139,8 @@ class RagConfig(StageConfig):
             out.append(f"{name}.mode must be one of {', '.join(RAG_MODES)}, got {self.mode!r}")
         if self.index_check_s < 0:
             out.append(f"{name}.index_check_s must be >= 0")
-        if self.candidates < 1 or self.embedding_threads < 1:
-            out.append(f"{name}.candidates and {name}.embedding_threads must be >= 1")
+        if min(self.candidates, self.embedding_threads, self.embedding_batch) < 1:
+            out.append(f"{name}.candidates, {name}.embedding_threads and {name}.embedding_batch must be >= 1")
         if self.simulated_delay_ms < 0:
             out.append(f"{name}.simulated_delay_ms must be >= 0")
         if self.documents and not Path(self.documents).is_file():

@@ -37,7 +37,8 @@ def build_retriever(cfg: RagConfig) -> Retriever:
         vectors = in_memory(docs, embedder)
         name = f"{mode} over {corpus} ({len(docs)} documents)"
     log.info("retrieval: %s, model %s", name, embedder.name)
-    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name, vectors.manifest.generation)
+    generation = vectors.manifest.generation
+    return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name, generation, cfg.embedding_batch)
 
 
 async def follow_index(cfg: RagConfig, current: Callable[[], Retriever], swap: Callable[[Retriever], None]) -> None:
@@ -77,10 +78,7 @@ async def retrieve(
     """Yield one RagOutput with the top-k documents for the request's input."""
     if delay_s:
         await asyncio.sleep(delay_s)
-    if retriever.mode == "bm25":
-        hits = retriever.search(request.input, top_k)
-    else:  # embedding the query takes milliseconds of CPU: off the event loop (ONNX Runtime releases the GIL)
-        hits = await asyncio.to_thread(retriever.search, request.input, top_k)
+    hits = await retriever.asearch(request.input, top_k)
     out = types_pb2.RagOutput(documents=[_document(h) for h in hits])
     if scope.span.is_recording():  # ids and scores, never the documents' text
         attrs: dict[str, str | float | int] = {"orchestrator.rag.mode": retriever.mode}

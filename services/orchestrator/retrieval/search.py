@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
+from orchestrator.retrieval.batching import EmbeddingBatcher
 from orchestrator.retrieval.bm25 import Bm25Index
 from orchestrator.retrieval.corpus import Doc
 from orchestrator.retrieval.embeddings import Embedder
@@ -52,6 +55,7 @@ class Retriever:
         candidates: int = 50,
         name: str = "",
         generation: int = 0,
+        max_batch: int = 32,
     ) -> None:
         if mode != "bm25" and (vectors is None or embedder is None):
             raise ValueError(f"rag.mode {mode} needs an embedding model and a vector index")
@@ -62,16 +66,21 @@ class Retriever:
         self.name = name or f"{mode} over {len(self.docs)} documents"
         # The index generation searched (0: documents embedded in this process, or none).
         self.generation = generation
+        self._max_batch = max_batch
+        self._batcher: EmbeddingBatcher | None = None  # made on the loop that first searches
 
-    def search(self, query: str, k: int) -> list[Hit]:
+    def search(self, query: str, k: int, vector: np.ndarray | None = None) -> list[Hit]:
+        """The ``k`` best documents for ``query``; ``vector`` is its embedding when the caller has it already."""
         if k <= 0:
             return []
         if self.mode == "bm25":
             assert self._bm25 is not None
             return [Hit(self.docs[r], s, bm25_score=s) for r, s in self._bm25.search(query, k)]
         assert self._vectors is not None and self._embedder is not None
+        if vector is None:
+            vector = self._embedder.embed([query])[0]
         n = max(k, self._candidates) if self.mode == "hybrid" else k
-        dense = self._vectors.search(self._embedder.embed([query])[0], n)
+        dense = self._vectors.search(vector, n)
         if self.mode == "dense":
             return [Hit(self.docs[r], s, dense_score=s) for r, s in dense]
         assert self._bm25 is not None
@@ -81,3 +90,14 @@ class Retriever:
             Hit(self.docs[r], s, bm25_score=by_bm25.get(r), dense_score=by_dense.get(r))
             for r, s in fuse([[r for r, _ in lexical], [r for r, _ in dense]], k)
         ]
+
+    async def asearch(self, query: str, k: int) -> list[Hit]:
+        """``search`` for a request on the event loop: the query is embedded off the loop, together with those of
+        concurrent requests (``EmbeddingBatcher``); the rest (~0.4 ms on 10,000 documents) runs here."""
+        if self.mode == "bm25" or k <= 0:
+            return self.search(query, k)
+        if self._batcher is None:
+            assert self._embedder is not None
+            embed = self._embedder.embed
+            self._batcher = EmbeddingBatcher(embed, self._max_batch)
+        return self.search(query, k, await self._batcher.embed(query))
