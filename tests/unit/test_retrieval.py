@@ -165,7 +165,7 @@ async def test_the_stage_follows_new_generations_and_keeps_serving_through_a_bro
 
     handler = Errors(logging.ERROR)
     logging.getLogger("orchestrator.pipeline.rag").addHandler(handler)
-    follower = asyncio.create_task(follow_index(cfg, lambda: served[-1], swap))
+    follower = asyncio.create_task(follow_index(lambda: cfg, lambda: served[-1], swap))
     try:
         index.add(out, DOCS[2:], embedder)
         await asyncio.wait_for(swapped.wait(), 10)
@@ -178,3 +178,29 @@ async def test_the_stage_follows_new_generations_and_keeps_serving_through_a_bro
     finally:
         follower.cancel()
         logging.getLogger("orchestrator.pipeline.rag").removeHandler(handler)
+
+
+async def test_the_follower_watches_the_index_the_current_settings_name(tmp_path: Path, embedder: OnnxEmbedder) -> None:
+    import asyncio
+
+    from orchestrator.core.config import RagConfig
+    from orchestrator.pipeline.rag import build_retriever, follow_index
+
+    for name in ("a", "b"):
+        index.build(tmp_path / name, DOCS[:2], embedder)
+    settings = [RagConfig(index=str(tmp_path / "a"), index_check_s=0.01)]
+    served = [build_retriever(settings[0])]
+    swapped = asyncio.Event()
+
+    def swap(retriever: Retriever) -> None:
+        served.append(retriever)
+        swapped.set()
+
+    follower = asyncio.create_task(follow_index(lambda: settings[0], lambda: served[-1], swap))
+    try:
+        settings[0] = RagConfig(index=str(tmp_path / "b"), index_check_s=0.01)  # a reload named another index
+        index.add(tmp_path / "b", DOCS[2:], embedder)
+        await asyncio.wait_for(swapped.wait(), 10)
+        assert served[-1].name.startswith(f"hybrid over index {tmp_path / 'b'} generation 2")
+    finally:
+        follower.cancel()

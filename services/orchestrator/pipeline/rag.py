@@ -41,13 +41,19 @@ def build_retriever(cfg: RagConfig) -> Retriever:
     return Retriever(vectors.docs, mode, vectors, embedder, cfg.candidates, name, generation, cfg.embedding_batch)
 
 
-async def follow_index(cfg: RagConfig, current: Callable[[], Retriever], swap: Callable[[Retriever], None]) -> None:
+async def follow_index(
+    config: Callable[[], RagConfig], current: Callable[[], Retriever], swap: Callable[[Retriever], None]
+) -> None:
     """Reopen the index whenever a writer has published a new generation, checking every ``index_check_s``: every
-    replica reading a shared index directory follows it without being told. An index that cannot be read is
-    reported (once per reason) and the retriever in use keeps serving."""
+    replica reading a shared index directory follows it without being told. ``config`` is the stage's current
+    settings (a reload may name another index). An index that cannot be read is reported (once per reason) and the
+    retriever in use keeps serving."""
     reported = ""
     while True:
-        await asyncio.sleep(cfg.index_check_s)
+        await asyncio.sleep(config().index_check_s or 1.0)
+        cfg = config()
+        if not cfg.index or not cfg.index_check_s:
+            continue
         try:
             if read_manifest(cfg.index).generation == current().generation:
                 continue

@@ -38,10 +38,13 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     runtime = runtime_of(NAME, cfg, telemetry)
     servicer = RagServicer(runtime, retriever, c.top_k, c.simulated_delay_ms / 1000)
 
+    settings = [c]  # the current [rag] settings: a reload may name another index, which the follower then watches
+
     async def reload(config: MeshConfig) -> str:
         # The index again (a generation `orchestrator index add` wrote), off the loop; requests under way finish
         # with the retriever they started with. A bad index raises and the current retriever stays.
         servicer.retriever = await asyncio.to_thread(rag.build_retriever, config.rag)
+        settings[0] = config.rag
         return servicer.retriever.name
 
     def swap(retriever: Retriever) -> None:
@@ -49,7 +52,9 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
 
     closers = []
     if c.index and c.index_check_s > 0 and _loop_running():
-        follower = asyncio.get_running_loop().create_task(rag.follow_index(c, lambda: servicer.retriever, swap))
+        follower = asyncio.get_running_loop().create_task(
+            rag.follow_index(lambda: settings[0], lambda: servicer.retriever, swap)
+        )
 
         async def stop_following() -> None:
             follower.cancel()
