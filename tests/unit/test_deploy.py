@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -137,7 +138,7 @@ def validate(*args: str, stdin: str | None = None) -> str:
 
 def test_kubernetes_manifests_validate_against_the_1_32_schemas() -> None:
     out = validate(*(str(p) for p in manifests()))
-    assert out.count("passed") == 27  # every object of every file, base (25) and overlays (2)
+    assert out.count("passed") == 28  # every object of every file, base (25), overlays (2), components (1)
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl renders the kustomizations offline")
@@ -148,6 +149,36 @@ def test_every_rendered_overlay_validates(overlay: str, tmp_path: Path) -> None:
     out = validate(str(rendered))
     assert out.count("passed") == rendered.read_text().count("\nkind: ") + rendered.read_text().startswith("kind:")
     assert len(re.findall(r"^kind: StatefulSet$", rendered.read_text(), re.MULTILINE)) == OVERLAYS[overlay]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl renders the kustomizations offline")
+def test_the_index_component_mounts_one_claim_read_only_in_every_rag_pod(tmp_path: Path) -> None:
+    import yaml
+
+    k8s = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {k8s}/overlays/prod\ncomponents:\n  - {k8s}/components/rag-index\n"
+    )
+    done = subprocess.run([str(KUBECTL), "kustomize", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "out.yaml").write_text(done.stdout)
+    validate(str(tmp_path / "out.yaml"))
+    objects = [d for d in yaml.safe_load_all(done.stdout) if d]
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    rag = next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "rag")
+    assert rag["spec"]["replicas"] == 2  # the overlay's replicas all mount it
+    pod = rag["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "index")
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "index")
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ORCH_RAG_INDEX"] == mount["mountPath"]
+    others = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] != "rag"]
+    assert all("index" not in str(o["spec"]["template"]["spec"].get("volumes")) for o in others)
 
 
 def k8s_config(env: dict[str, str]) -> MeshConfig:
