@@ -133,7 +133,7 @@ def _status(args: argparse.Namespace) -> int:
         queue = [(name, addr) for name in STAGES for addr in _admin_addresses(cfg, name)]
     print(
         f"{'stage':<10} {'address':<22} {'waiting':>9} {'active':>9} {'limit':>10} {'admitted':>9} {'shed':>7} "
-        f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  process  worker"
+        f"{'ok':>8} {'invalid':>7} {'denied':>7} {'limited':>7} {'failed':>7} {'cancel':>7}  process  serving"
     )
     metadata = _admin_metadata(args.token_file)
     failed = 0
@@ -160,7 +160,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _status_row(s: admin_pb2.GetStatusResponse, address: str) -> str:
     q, c, w = s.queue, s.counters, s.worker
-    worker = f"{w.name} ({w.active} generating, {w.tokens_generated} tokens)" if w.name else ""
+    worker = f"{w.name} ({w.active} generating, {w.tokens_generated} tokens)" if w.name else s.serving
     return (
         f"{s.stage:<10} {address:<22} {f'{q.waiting}/{q.capacity}':>9} {q.active:>9} "
         f"{f'{q.concurrency}/{q.concurrency_max}':>10} {c.admitted:>9} {c.shed:>7} {c.ok:>8} {c.invalid:>7} "

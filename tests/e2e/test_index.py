@@ -14,7 +14,7 @@ import pytest
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import build_request
-from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client, poll
+from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client, poll, stage_status
 
 pytestmark = pytest.mark.mesh
 
@@ -145,6 +145,11 @@ def test_two_rag_replicas_reading_one_index_agree_and_follow_it(
     for replica in (first, second):
         poll(partial(finds, replica, "pedalling to work", "bike"), timeout_s=30, interval_s=0.2, what=replica)
     assert ranked(first) == ranked(second)
+    # Each replica names what it serves in its status, and `orchestrator status` shows it.
+    for replica in (first, second):
+        assert stage_status(replica).serving == f"hybrid over index {built} generation 2 (7 documents)"
+    status = orchestrator("status", first)
+    assert status.returncode == 0 and f"hybrid over index {built} generation 2 (7 documents)" in status.stdout
 
 
 @pytest.mark.parametrize("tamper", ["fingerprint", "version"])

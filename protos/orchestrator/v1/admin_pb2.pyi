@@ -69,7 +69,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., active: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., last_generation_end_unix_nanos: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("stage", "queue", "counters", "worker", "callees", "replica", "process")
+    __slots__ = ("stage", "queue", "counters", "worker", "callees", "replica", "process", "serving")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class GetStatusResponse(_message.Message):
     CALLEES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     stage: str
     queue: QueueStatus
     counters: Counters
@@ -84,7 +85,8 @@ class GetStatusResponse(_message.Message):
     callees: _containers.RepeatedCompositeFieldContainer[CalleeReplica]
     replica: str
     process: str
-    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., callees: _Optional[_Iterable[_Union[CalleeReplica, _Mapping]]] = ..., replica: _Optional[str] = ..., process: _Optional[str] = ...) -> None: ...
+    serving: str
+    def __init__(self, stage: _Optional[str] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., callees: _Optional[_Iterable[_Union[CalleeReplica, _Mapping]]] = ..., replica: _Optional[str] = ..., process: _Optional[str] = ..., serving: _Optional[str] = ...) -> None: ...
 
 class CalleeReplica(_message.Message):
     __slots__ = ("stage", "address", "ejected")

@@ -72,6 +72,8 @@ class StageApp:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # What GetStatus reports of the stage's model worker, if it has one.
     worker_status: Callable[[], admin_pb2.WorkerStatus] | None = None
+    # What GetStatus names as serving the stage's requests (the RAG stage's retriever), if anything.
+    serving: Callable[[], str] | None = None
     # Re-apply a freshly loaded config (the inference stage swaps its worker, the RAG stage reopens its index);
     # None: nothing to reload.
     reload: Callable[[MeshConfig], Awaitable[str]] | None = None
@@ -143,6 +145,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         out = self._app.runtime.status()
         if self._app.worker_status is not None:
             out.worker.CopyFrom(self._app.worker_status())
+        if self._app.serving is not None:
+            out.serving = self._app.serving()
         if self._app.downstream is not None:
             replicas = self._app.downstream.replicas
             out.callees.extend(

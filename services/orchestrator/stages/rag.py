@@ -60,7 +60,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
             follower.cancel()
 
         closers.append(stop_following)
-    return app_of(NAME, cfg, runtime, servicer, reload=reload, closers=closers)
+    return app_of(NAME, cfg, runtime, servicer, reload=reload, closers=closers, serving=lambda: servicer.retriever.name)
 
 
 def _loop_running() -> bool:
