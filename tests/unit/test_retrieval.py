@@ -170,6 +170,7 @@ async def test_the_stage_follows_new_generations_and_keeps_serving_through_a_bro
         index.add(out, DOCS[2:], embedder)
         await asyncio.wait_for(swapped.wait(), 10)
         assert (served[-1].generation, len(served[-1].docs)) == (2, 4)
+        assert served[-1].embedder is served[0].embedder  # a new generation, the same model session
         (out / "manifest.json").write_text("{}")
         await asyncio.wait_for(reported.wait(), 10)
         await asyncio.sleep(0.1)  # ten more checks: reported once, nothing swapped

@@ -19,14 +19,16 @@ from orchestrator.v1 import types_pb2
 log = logging.getLogger(__name__)
 
 
-def build_retriever(cfg: RagConfig) -> Retriever:
-    """The retriever the configuration names, loaded and checked (an index built with another model is refused)."""
+def build_retriever(cfg: RagConfig, current: Retriever | None = None) -> Retriever:
+    """The retriever the configuration names, loaded and checked (an index built with another model is refused).
+    ``current``, the retriever serving now, lends its embedding model when the configuration names the same one."""
     mode = cast(Mode, cfg.mode)
     corpus = cfg.documents or "the bundled corpus"
     if mode == "bm25" and not cfg.index:
         docs = read_documents(cfg.documents)[0]
         return Retriever(docs, mode, name=f"bm25 over {corpus} ({len(docs)} documents)")
-    embedder = load_embedder(cfg.embedding_model, cfg.embedding_tokenizer, cfg.embedding_threads)
+    reuse = current.embedder if current is not None else None
+    embedder = load_embedder(cfg.embedding_model, cfg.embedding_tokenizer, cfg.embedding_threads, reuse)
     if cfg.index:
         vectors = open_index(cfg.index, embedder)
         name = f"{mode} over index {cfg.index} generation {vectors.manifest.generation} ({len(vectors.docs)} documents)"
@@ -57,7 +59,7 @@ async def follow_index(
         try:
             if read_manifest(cfg.index).generation == current().generation:
                 continue
-            swap(await asyncio.to_thread(build_retriever, cfg))
+            swap(await asyncio.to_thread(build_retriever, cfg, current()))
             reported = ""
         except (StartupError, OSError) as exc:
             if str(exc) != reported:

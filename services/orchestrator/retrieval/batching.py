@@ -20,8 +20,6 @@ class EmbeddingBatcher:
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._running = False
         self._task: asyncio.Task[None] | None = None
-        # Batch sizes run so far (a bounded window), for tests and the bench.
-        self.batches: list[int] = []
 
     async def embed(self, text: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -32,7 +30,6 @@ class EmbeddingBatcher:
         # None running: this query is a batch of its own, run from its own task (no hand-off between tasks: alone,
         # a query costs what it did unbatched). Queries arriving meanwhile are run after it by a task of theirs.
         self._running = True
-        self.batches = [*self.batches[-99:], 1]
         try:
             vectors: np.ndarray = await asyncio.to_thread(self._embed, [text])
         finally:
@@ -50,7 +47,6 @@ class EmbeddingBatcher:
                 del self._pending[: self._max]
                 if not batch:
                     continue
-                self.batches = [*self.batches[-99:], len(batch)]
                 try:
                     vectors = await asyncio.to_thread(self._embed, [t for t, _ in batch])
                 except Exception as exc:  # every caller of the batch gets the failure

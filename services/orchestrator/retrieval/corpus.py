@@ -57,8 +57,8 @@ def _parse(line: str, n: int) -> Doc | str:
     return Doc(str(raw["id"]), str(raw.get("title") or ""), raw["text"], str(raw.get("source") or ""))
 
 
-def iter_documents(lines: Iterator[str] | list[str]) -> Iterator[tuple[int, Doc | str]]:
-    """(line number, document or problem) for every non-blank line; a repeated id is a problem too."""
+def iter_documents(lines: Iterator[str] | list[str]) -> Iterator[Doc | str]:
+    """A document, or the problem naming its line, for every non-blank line; a repeated id is a problem too."""
     seen: set[str] = set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -69,7 +69,7 @@ def iter_documents(lines: Iterator[str] | list[str]) -> Iterator[tuple[int, Doc 
                 got = f"line {n}: duplicate id {got.id!r}"
             else:
                 seen.add(got.id)
-        yield n, got
+        yield got
 
 
 def read_documents(path: str = "", on_bad: OnBad = "refuse") -> tuple[list[Doc], list[str]]:
@@ -84,7 +84,7 @@ def read_documents(path: str = "", on_bad: OnBad = "refuse") -> tuple[list[Doc],
         text = resources.files("orchestrator.data").joinpath("docs.jsonl").read_text(encoding="utf-8")
     docs: list[Doc] = []
     problems: list[str] = []
-    for _, got in iter_documents(text.splitlines()):
+    for got in iter_documents(text.splitlines()):
         if isinstance(got, Doc):
             docs.append(got)
         else:

@@ -79,6 +79,7 @@ class OnnxEmbedder:
         self._session = ort.InferenceSession(str(files.model), opts, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._name = files.name
+        self.files, self.threads = files, threads
         self._fingerprint = _digest(files.model, files.tokenizer)
         self._dim = int(self.embed(["dimension probe"]).shape[1])
 
@@ -118,9 +119,15 @@ class OnnxEmbedder:
         return unit.astype(np.float32)
 
 
-def load_embedder(model: str = "", tokenizer: str = "", threads: int = 1) -> OnnxEmbedder:
-    """The bundled model, or the ONNX file and tokenizer named (both or neither)."""
+def load_embedder(
+    model: str = "", tokenizer: str = "", threads: int = 1, reuse: Embedder | None = None
+) -> OnnxEmbedder:
+    """The bundled model, or the ONNX file and tokenizer named (both or neither). ``reuse`` is returned instead when
+    it runs the same files with the same threads: a new index generation needs no new model session (~0.4 s and
+    ~170 MiB while both would live)."""
     if bool(model) != bool(tokenizer):
         raise ValueError("an embedding model needs both its ONNX file and its tokenizer.json")
     files = ModelFiles(Path(model).stem, Path(model), Path(tokenizer)) if model else default_model_files()
+    if isinstance(reuse, OnnxEmbedder) and (reuse.files, reuse.threads) == (files, threads):
+        return reuse
     return OnnxEmbedder(files, threads)

@@ -57,10 +57,14 @@ class Manifest:
         return json.dumps({"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}, indent=2, sort_keys=True)
 
 
-def _graph(dim: int) -> Any:
+def _graph(dim: int, vectors: np.ndarray) -> Any:
+    """A new HNSW graph holding ``vectors``, row r as key r."""
     from usearch.index import Index
 
-    return Index(ndim=dim, metric="cos", dtype="f32")
+    graph = Index(ndim=dim, metric="cos", dtype="f32")
+    if len(vectors):
+        graph.add(np.arange(len(vectors)), vectors)
+    return graph
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -200,10 +204,7 @@ def build(directory: str | Path, docs: Sequence[Doc], embedder: Embedder, progre
     with _locked(out):
         if (out / MANIFEST).exists():
             raise BadIndex(f"{str(out)!r} already holds an index: add to it with `orchestrator index add`")
-        vectors = embed_documents(docs, embedder, progress)
-        graph = _graph(embedder.dim)
-        if len(docs):
-            graph.add(np.arange(len(docs)), vectors)
+        graph = _graph(embedder.dim, embed_documents(docs, embedder, progress))
         now = time.time()
         manifest = Manifest(embedder.name, embedder.fingerprint, embedder.dim, len(docs), 1, now, now)
         _publish(out, docs, graph, manifest)
@@ -241,8 +242,6 @@ def add(
 
 def in_memory(docs: Sequence[Doc], embedder: Embedder) -> VectorIndex:
     """An index of ``docs`` that lives in this process only (a small corpus embedded at start)."""
-    graph = _graph(embedder.dim)
-    if docs:
-        graph.add(np.arange(len(docs)), embed_documents(docs, embedder))
+    graph = _graph(embedder.dim, embed_documents(docs, embedder))
     now = time.time()
     return VectorIndex(docs, graph, Manifest(embedder.name, embedder.fingerprint, embedder.dim, len(docs), 0, now, now))

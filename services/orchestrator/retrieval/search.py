@@ -59,7 +59,7 @@ class Retriever:
     ) -> None:
         if mode != "bm25" and (vectors is None or embedder is None):
             raise ValueError(f"rag.mode {mode} needs an embedding model and a vector index")
-        self.docs, self.mode, self._vectors, self._embedder = list(docs), mode, vectors, embedder
+        self.docs, self.mode, self._vectors, self.embedder = list(docs), mode, vectors, embedder
         self._bm25 = Bm25Index(self.docs) if mode != "dense" else None
         self._candidates = candidates
         # What serves the stage's requests, for operators (AdminService/Reload answers with it).
@@ -76,9 +76,9 @@ class Retriever:
         if self.mode == "bm25":
             assert self._bm25 is not None
             return [Hit(self.docs[r], s, bm25_score=s) for r, s in self._bm25.search(query, k)]
-        assert self._vectors is not None and self._embedder is not None
+        assert self._vectors is not None and self.embedder is not None
         if vector is None:
-            vector = self._embedder.embed([query])[0]
+            vector = self.embedder.embed([query])[0]
         n = max(k, self._candidates) if self.mode == "hybrid" else k
         dense = self._vectors.search(vector, n)
         if self.mode == "dense":
@@ -97,7 +97,6 @@ class Retriever:
         if self.mode == "bm25" or k <= 0:
             return self.search(query, k)
         if self._batcher is None:
-            assert self._embedder is not None
-            embed = self._embedder.embed
-            self._batcher = EmbeddingBatcher(embed, self._max_batch)
+            assert self.embedder is not None
+            self._batcher = EmbeddingBatcher(self.embedder.embed, self._max_batch)
         return self.search(query, k, await self._batcher.embed(query))

@@ -43,7 +43,7 @@ def build(cfg: MeshConfig, telemetry: Telemetry) -> StageApp:
     async def reload(config: MeshConfig) -> str:
         # The index again (a generation `orchestrator index add` wrote), off the loop; requests under way finish
         # with the retriever they started with. A bad index raises and the current retriever stays.
-        servicer.retriever = await asyncio.to_thread(rag.build_retriever, config.rag)
+        servicer.retriever = await asyncio.to_thread(rag.build_retriever, config.rag, servicer.retriever)
         settings[0] = config.rag
         return servicer.retriever.name
 
