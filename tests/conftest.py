@@ -163,6 +163,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def orchestrator_cli(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The ``orchestrator`` command as a user runs it, output captured; the environment is ``clean_env()`` unless
+    given."""
+    return subprocess.run(
+        [str(BIN / "orchestrator"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        env=clean_env() if env is None else env,
+    )
+
+
 def free_port_config(tmp_path: Path) -> Path:
     """The shipped pipeline.toml with every port 0, so a test cannot collide with a running mesh."""
     text = (ROOT / "pipeline.toml").read_text()

@@ -19,7 +19,7 @@ from orchestrator.runtime.deadletters import DeadLetter, Filter
 from orchestrator.runtime.dlq import open_store
 from orchestrator.workers.echo import echo_tokens
 from orchestrator_client import OrchestratorRpcError
-from tests.conftest import BIN, clean_env, mesh_client, poll, scrape
+from tests.conftest import clean_env, mesh_client, orchestrator_cli, poll, scrape
 from tests.e2e.test_backends import Backend, openai_env
 from tests.e2e.test_tracing import otel_env
 from tests.natsserver import nats_server
@@ -114,14 +114,7 @@ def store_files_containing(root: Path, text: bytes) -> list[Path]:
 
 def dlq(*args: str, env: dict[str, str], target: str = "") -> subprocess.CompletedProcess[str]:
     extra = ["--target", target] if target else []
-    return subprocess.run(
-        [str(BIN / "orchestrator"), "dlq", *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=clean_env(**env),
-    )
+    return orchestrator_cli("dlq", *args, *extra, env=clean_env(**env))
 
 
 async def test_letters_of_a_failing_backend_are_replayed_once_it_is_back(

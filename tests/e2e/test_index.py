@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -14,7 +13,14 @@ import pytest
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc, stages_pb2_grpc, types_pb2
 from orchestrator_client import build_request
-from tests.conftest import BIN, clean_env, mesh_channel, mesh_env, mesh_sync_client, poll, stage_status
+from tests.conftest import (
+    mesh_channel,
+    mesh_env,
+    mesh_sync_client,
+    orchestrator_cli,
+    poll,
+    stage_status,
+)
 
 pytestmark = pytest.mark.mesh
 
@@ -35,12 +41,6 @@ MORE = [
     {"id": "violin", "title": "Violins", "text": "A bowed string instrument with four strings tuned in fifths."},
 ]
 QUERIES = ["automobile", "my kitten keeps chasing rodents", "how is a loaf made", "filing income tax", "stormy clouds"]
-
-
-def orchestrator(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "orchestrator"), *argv], capture_output=True, text=True, timeout=180, env=clean_env(), check=False
-    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]], extra: str = "") -> Path:
@@ -66,22 +66,22 @@ def ranked(address: str) -> list[list[tuple[str, float]]]:
 @pytest.fixture
 def built(tmp_path: Path) -> Path:
     docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"))
+    done = orchestrator_cli("index", "build", str(docs), "--out", str(tmp_path / "ix"))
     assert done.returncode == 0, done.stderr
     return tmp_path / "ix"
 
 
 def test_bad_documents_are_refused_or_skipped_by_line(tmp_path: Path) -> None:
     docs = write_jsonl(tmp_path / "docs.jsonl", DOCS[:2], '{"id": "empty", "text": ""}\n{broken\n')
-    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"))
+    done = orchestrator_cli("index", "build", str(docs), "--out", str(tmp_path / "ix"))
     assert done.returncode == 1
     assert "line 3: empty text" in done.stderr and "line 4: invalid JSON" in done.stderr
     assert not (tmp_path / "ix" / "manifest.json").exists()
-    done = orchestrator("index", "build", str(docs), "--out", str(tmp_path / "ix"), "--skip-bad")
+    done = orchestrator_cli("index", "build", str(docs), "--out", str(tmp_path / "ix"), "--skip-bad")
     assert done.returncode == 0, done.stderr
     assert "line 3: empty text (skipped)" in done.stderr and "line 4: invalid JSON" in done.stderr
     assert "built" in done.stdout and "2 documents" in done.stdout and "documents/s" in done.stdout
-    info = orchestrator("index", "info", str(tmp_path / "ix"), "--json")
+    info = orchestrator_cli("index", "info", str(tmp_path / "ix"), "--json")
     assert json.loads(info.stdout)["documents"] == 2
 
 
@@ -115,9 +115,9 @@ def test_added_documents_are_served_after_a_reload_and_a_bad_index_is_refused(
     mesh = fresh_mesh(ORCH_RAG_INDEX=str(built), ORCH_RAG_INDEX_CHECK_S="0")  # told, not following
     rag = mesh.address("rag")
     more = write_jsonl(tmp_path / "more.jsonl", [*MORE, DOCS[0]])
-    done = orchestrator("index", "add", str(built), str(more))
+    done = orchestrator_cli("index", "add", str(built), str(more))
     assert done.returncode == 1 and "'car' is in the index already" in done.stderr
-    done = orchestrator("index", "add", str(built), str(more), "--skip-bad")
+    done = orchestrator_cli("index", "add", str(built), str(more), "--skip-bad")
     assert done.returncode == 0 and "now 7, generation 2" in done.stdout, done.stderr
     assert retrieve(rag, "pedalling to work")[0].id != "bike"  # the stage still serves generation 1
     assert reload(rag) == f"hybrid over index {built} generation 2 (7 documents)"
@@ -140,7 +140,7 @@ def test_two_rag_replicas_reading_one_index_agree_and_follow_it(
     assert first != second
     assert ranked(first) == ranked(second)
     # A new generation reaches both replicas without a signal; then they agree on it too.
-    done = orchestrator("index", "add", str(built), str(write_jsonl(tmp_path / "more.jsonl", MORE)))
+    done = orchestrator_cli("index", "add", str(built), str(write_jsonl(tmp_path / "more.jsonl", MORE)))
     assert done.returncode == 0, done.stderr
     for replica in (first, second):
         poll(partial(finds, replica, "pedalling to work", "bike"), timeout_s=30, interval_s=0.2, what=replica)
@@ -148,7 +148,7 @@ def test_two_rag_replicas_reading_one_index_agree_and_follow_it(
     # Each replica names what it serves in its status, and `orchestrator status` shows it.
     for replica in (first, second):
         assert stage_status(replica).serving == f"hybrid over index {built} generation 2 (7 documents)"
-    status = orchestrator("status", first)
+    status = orchestrator_cli("status", first)
     assert status.returncode == 0 and f"hybrid over index {built} generation 2 (7 documents)" in status.stdout
 
 
@@ -158,9 +158,7 @@ def test_a_mismatched_index_stops_the_stage_with_a_reason(built: Path, tmp_path:
     manifest[tamper] = "0" * 32 if tamper == "fingerprint" else 2
     (built / "manifest.json").write_text(json.dumps(manifest))
     env = mesh_env(ORCH_RAG_INDEX=str(built))
-    done = subprocess.run(
-        [str(BIN / "orchestrator"), "stage", "rag"], capture_output=True, text=True, timeout=60, env=env, check=False
-    )
+    done = orchestrator_cli("stage", "rag", env=env, timeout=60)
     assert done.returncode == 1
     expected = "was built with embedding model" if tamper == "fingerprint" else "format version 2"
     assert expected in done.stderr and "Traceback" not in done.stderr

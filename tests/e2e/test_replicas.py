@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.core.affinity import rendezvous_order
 from orchestrator.core.graph import STAGES
-from tests.conftest import BIN, clean_env, free_port_config, mesh_sync_client, stop_gently
+from tests.conftest import BIN, clean_env, free_port_config, mesh_sync_client, orchestrator_cli, stop_gently
 
 pytestmark = pytest.mark.mesh
 
@@ -52,16 +52,10 @@ def test_three_inference_replicas_on_one_machine(tmp_path: Path) -> None:
         assert served == {s: rendezvous_order(s, inference)[0] for s in sessions}
         assert len(set(served.values())) >= 2  # 12 sessions over 3 replicas: spread
 
-        status = subprocess.run(
-            [
-                *(str(BIN / "orchestrator"), "status", "--config", str(config)),
-                *("--from", replicas["stream"], "--from", replicas["stream-1"]),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        status = orchestrator_cli(
+            *("status", "--config", str(config), "--from", replicas["stream"], "--from", replicas["stream-1"]),
             env=env,
+            timeout=60,
         )
         assert status.returncode == 0, status.stdout + status.stderr
         rows = [line.split() for line in status.stdout.splitlines()[1:]]

@@ -21,7 +21,7 @@ from orchestrator.v1 import stages_pb2_grpc, types_pb2
 from orchestrator.v1.admin_pb2 import GetStatusRequest
 from orchestrator.v1.admin_pb2_grpc import AdminServiceStub
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, tls_credentials
-from tests.conftest import BIN, clean_env, launch, make_certs, poll, stop_process
+from tests.conftest import BIN, clean_env, launch, make_certs, orchestrator_cli, poll, stop_process
 
 pytestmark = pytest.mark.mesh
 
@@ -202,14 +202,7 @@ def test_the_command_line_tools_of_the_readme_work_over_tls(tls_mesh: Mesh, cert
     assert "orchestrator.v1.StreamService" in done.stdout.split()
     env = clean_env(**tls_env(certs))
     addresses = [tls_mesh.address(name) for name in STAGES]
-    done = subprocess.run(
-        [str(BIN / "orchestrator"), "status", *addresses],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    done = orchestrator_cli("status", *addresses, env=env, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert all(name in done.stdout for name in STAGES)
 

@@ -16,7 +16,7 @@ from orchestrator.core.graph import STAGES
 from orchestrator.launcher import Mesh
 from orchestrator.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator_client import AsyncOrchestratorClient, OrchestratorRpcError, PromptRequest, build_request
-from tests.conftest import BIN, launch, mesh_channel, mesh_client, scrape, stage_status
+from tests.conftest import BIN, launch, mesh_channel, mesh_client, orchestrator_cli, scrape, stage_status
 from tests.e2e.test_tracing import otel_env, server_span, wait_for_trace
 from tests.otlp import OtlpReceiver
 
@@ -26,13 +26,7 @@ FAIR_RATE = 20  # requests a second, for the fairness test's two tenants
 
 
 def add_key(keys: Path, tenant: str, *flags: str) -> str:
-    done = subprocess.run(
-        [str(BIN / "orchestrator"), "keys", "add", str(keys), "--tenant", tenant, *flags],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    done = orchestrator_cli("keys", "add", str(keys), "--tenant", tenant, *flags, timeout=30, check=True)
     return done.stdout.strip()
 
 
@@ -117,8 +111,8 @@ async def test_a_key_removed_from_the_file_stops_working_without_a_restart(
 ) -> None:
     temp = await asyncio.to_thread(add_key, tenants.file, "temp")
     assert await _eventually(lambda: ask(keyed_mesh, temp)), "a new key is known once the file is re-read"
-    revoke = [str(BIN / "orchestrator"), "keys", "revoke", str(tenants.file), "--tenant", "temp"]
-    await asyncio.to_thread(subprocess.run, revoke, check=True, timeout=30, capture_output=True)
+    revoke = ("keys", "revoke", str(tenants.file), "--tenant", "temp")
+    await asyncio.to_thread(orchestrator_cli, *revoke, timeout=30, check=True)
 
     async def refused() -> bool:
         try:
@@ -206,14 +200,7 @@ def test_the_admin_key_opens_the_admin_service_and_health_stays_open(keyed_mesh:
                 admin_pb2.GetStatusRequest(), timeout=5, metadata=metadata
             )
             assert status.stage == stage
-    done = subprocess.run(
-        [str(BIN / "orchestrator"), "status", keyed_mesh.entry],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={"ORCH_TOKEN": tenants.ops, "PATH": str(BIN)},
-    )
+    done = orchestrator_cli("status", keyed_mesh.entry, env={"ORCH_TOKEN": tenants.ops, "PATH": str(BIN)}, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     edge = next(line for line in done.stdout.splitlines() if line.startswith("stream"))
     assert int(edge.split()[9]) >= 1  # the denied column counts the refused requests
